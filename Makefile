@@ -1,0 +1,33 @@
+# Everything a fresh Debian machine needs, then the thing asked for.
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+
+.PHONY: all deps demo test lint unit bench clean
+
+all: test
+
+deps: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install-system-deps
+	./scripts/install-system-deps
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: deps
+	$(VENV)/bin/zohofs demo $(MOUNTPOINT)
+
+lint: deps
+	$(PY) -m ruff check zohofs tests
+	$(PY) -m mypy zohofs tests
+
+test: lint
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: deps
+	$(PY) bench/throughput.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info

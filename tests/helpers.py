@@ -1,0 +1,104 @@
+"""Shared test machinery: a zohofs mount in a subprocess, waited on with deadlines."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+MOUNT_DEADLINE = 30.0
+EXIT_DEADLINE = 20.0
+# Log lines that fail a test unless the test declares them expected.
+_ALARMING = re.compile(r"WARNING|ERROR|CRITICAL|Traceback")
+
+
+def wait_for(condition: Callable[[], bool], deadline: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail with ``what`` after ``deadline`` seconds."""
+    end = time.monotonic() + deadline
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {deadline}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+def zohofs_mounts() -> list[str]:
+    with open("/proc/mounts") as f:
+        return [line.split()[1] for line in f if "zohofs" in line.split()[0] + line.split()[2]]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Mount:
+    """``zohofs mount`` running in a child process (never in the test's own process:
+    a process must not touch a mount from the thread that serves it)."""
+
+    def __init__(self, path: Path, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.path = path
+        self.log_path = log_path
+        self.expected_log: list[str] = []
+        self._log = open(log_path, "wb")  # noqa: SIM115 (lives as long as the mount)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "zohofs", "mount", str(path), *args],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_for(lambda: is_mounted(path) or self.proc.poll() is not None,
+                     MOUNT_DEADLINE, f"the mount on {path}")
+        except AssertionError:
+            self.kill()
+            raise
+        if self.proc.poll() is not None:
+            raise AssertionError(f"zohofs mount exited with {self.proc.returncode}:\n{self.log}")
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def expect_log(self, pattern: str) -> None:
+        """Declare that log lines matching ``pattern`` (a regex) are part of the test."""
+        self.expected_log.append(pattern)
+
+    def unexpected_log_lines(self) -> list[str]:
+        return [line for line in self.log.splitlines()
+                if _ALARMING.search(line)
+                and not any(re.search(p, line) for p in self.expected_log)]
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Signal the mount and wait until it exits; returns its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(EXIT_DEADLINE)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError("zohofs mount did not exit after SIGTERM") from None
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        subprocess.run(["fusermount3", "-uz", str(self.path)], capture_output=True, check=False)
+        self._log.close()

@@ -1,0 +1,279 @@
+"""Real mounts: zohofs in a subprocess, the emulator in this process, real cp/rsync/unzip."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import stat
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MiB, MountFactory
+from tests.helpers import file_sha256, is_mounted, sha256, wait_for
+from zohofs.emulator.backup import Backup
+from zohofs.emulator.server import DEFAULT_LAST_MODIFIED, Emulator
+
+JOB = "757345985/4876876000001594004"
+
+
+def data_gets(emulator: Emulator, name: str | None = None) -> list[str]:
+    """Ranges of the logged GETs that fetched data (probes excluded)."""
+    return [r.headers.get("Range", "") for r in emulator.gets(name)
+            if r.headers.get("Range") != "bytes=0-0"]
+
+
+def test_tree_shape_and_attributes(mount: MountFactory, backup: Backup) -> None:
+    m = mount()
+    assert os.listdir(m.path) == ["757345985"]
+    assert os.listdir(m.path / "757345985") == ["4876876000001594004"]
+    job = m.path / JOB
+    assert sorted(os.listdir(job)) == sorted(backup.files)
+    for d in (m.path, m.path / "757345985", job):
+        st = os.stat(d)
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o555
+        assert st.st_uid == os.getuid()
+    for name, data in backup.files.items():
+        st = os.stat(job / name)
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o444
+        assert st.st_size == len(data)
+        assert st.st_mtime == DEFAULT_LAST_MODIFIED
+        assert st.st_blocks == (len(data) + 511) // 512
+        assert st.st_blksize >= MiB
+        assert st.st_uid == os.getuid()
+
+
+def test_inode_numbers_survive_a_remount(mount: MountFactory) -> None:
+    first = mount(name="a")
+    inodes = {p: os.stat(p).st_ino for p in first.path.rglob("*")}
+    assert first.stop() == 0
+    second = mount(name="b")
+    again = {p: os.stat(second.path / p.relative_to(first.path)).st_ino for p in inodes}
+    assert list(inodes.values()) == list(again.values())
+    assert len(set(inodes.values())) == len(inodes)
+
+
+def test_cp_rsync_and_unzip_give_the_servers_bytes(
+        mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path) -> None:
+    m = mount()
+    job = m.path / JOB
+    cp_dest, rsync_dest = tmp_path / "cp", tmp_path / "rsync"
+    subprocess.run(["cp", "-r", str(job), str(cp_dest)], check=True)
+    subprocess.run(["rsync", "-a", f"{m.path}/", f"{rsync_dest}/"], check=True)
+    for name, data in backup.files.items():
+        assert file_sha256(cp_dest / name) == sha256(data), name
+        assert file_sha256(rsync_dest / JOB / name) == sha256(data), name
+        result = subprocess.run(["unzip", "-tq", str(job / name)], capture_output=True,
+                                text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+    # rsync kept the server's mtimes, so a second run finds nothing to transfer.
+    gets_before = len(emulator.gets())
+    second = subprocess.run(["rsync", "-a", "--itemize-changes", "--stats", f"{m.path}/",
+                             f"{rsync_dest}/"], check=True, capture_output=True, text=True)
+    assert "Number of regular files transferred: 0" in second.stdout, second.stdout
+    assert len(emulator.gets()) == gets_before
+
+
+def test_a_sequential_copy_fetches_each_block_once(
+        mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path) -> None:
+    m = mount()
+    name = "Attachments_001.zip"
+    subprocess.run(["cp", str(m.path / JOB / name), str(tmp_path / name)], check=True)
+    assert file_sha256(tmp_path / name) == sha256(backup.files[name])
+    blocks = -(-len(backup.files[name]) // MiB)
+    ranges = data_gets(emulator, name)
+    assert len(ranges) == blocks == len(set(ranges)), ranges
+
+
+def test_random_reads_match_the_source(mount: MountFactory, backup: Backup) -> None:
+    m = mount()
+    rng = random.Random(3)
+    for name, data in backup.files.items():
+        fd = os.open(m.path / JOB / name, os.O_RDONLY)
+        try:
+            for _ in range(60):
+                offset = rng.randrange(len(data) + 10)
+                size = rng.choice([1, 7, 4096, 65536, 131072, 3 * MiB])
+                assert os.pread(fd, size, offset) == data[offset:offset + size], (name, offset)
+        finally:
+            os.close(fd)
+
+
+def test_concurrent_readers_share_one_get_per_block(
+        mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
+    # direct_io: every reader's read reaches zohofs, so the block cache is what is tested.
+    m = mount("--direct-io")
+    name = "Attachments_002.zip"
+    data = backup.files[name]
+    results: list[bytes] = []
+    barrier = threading.Barrier(6)
+
+    def read_all() -> None:
+        barrier.wait()
+        with open(m.path / JOB / name, "rb", buffering=0) as f:
+            results.append(f.read())
+
+    threads = [threading.Thread(target=read_all) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 6 and all(r == data for r in results)
+    ranges = data_gets(emulator, name)
+    assert len(ranges) == len(set(ranges)) == -(-len(data) // MiB), ranges
+
+
+@pytest.mark.parametrize(("status", "reason", "code"), [
+    (401, "INVALID_OAUTHSCOPE", errno.EACCES),
+    (403, "FORBIDDEN", errno.EACCES),
+    (500, "INTERNAL_ERROR", errno.EIO),
+    (404, "NOT_FOUND", errno.ENOENT),
+])
+def test_http_errors_become_errnos_and_recover(
+        mount: MountFactory, emulator: Emulator, backup: Backup,
+        status: int, reason: str, code: int) -> None:
+    fault = emulator.add_fault("status", status=status, reason=reason,
+                               path="Attachments_003.zip", count=None)
+    m = mount("--retries", "2")
+    m.expect_log(rf"HTTP {status} {reason}")
+    m.expect_log("retrying")
+    path = m.path / JOB / "Attachments_003.zip"
+    # The entry is still listed, but stat and open fail with the mapped errno.
+    assert "Attachments_003.zip" in os.listdir(m.path / JOB)
+    for call in (os.stat, lambda p: os.close(os.open(p, os.O_RDONLY))):
+        with pytest.raises(OSError) as info:
+            call(path)
+        assert info.value.errno == code
+    # Once the server is well again, the next access probes again and works.
+    emulator.faults.remove(fault)
+    assert path.read_bytes() == backup.files["Attachments_003.zip"]
+
+
+def test_missing_names_and_writes(mount: MountFactory) -> None:
+    m = mount()
+    job = m.path / JOB
+    with pytest.raises(FileNotFoundError):
+        os.stat(job / "Data_999.zip")
+    with pytest.raises(FileNotFoundError):
+        os.stat(m.path / "123")
+    for attempt in (
+        lambda: os.open(job / "Data_001.zip", os.O_RDWR),
+        lambda: os.open(job / "new.zip", os.O_WRONLY | os.O_CREAT),
+        lambda: os.mkdir(job / "dir"),
+        lambda: os.unlink(job / "Data_001.zip"),
+        lambda: os.rename(job / "Data_001.zip", job / "x.zip"),
+        lambda: os.truncate(job / "Data_001.zip", 0),
+        lambda: os.chmod(job / "Data_001.zip", 0o644),
+    ):
+        with pytest.raises(OSError) as info:
+            attempt()
+        assert info.value.errno == errno.EROFS
+
+
+def test_retries_hide_transient_faults(
+        mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
+    m = mount("--direct-io")
+    m.expect_log("retrying")
+    name = "Attachments_001.zip"
+    for kind in ("reset", "truncate"):
+        emulator.add_fault(kind, path=name, count=2)
+    emulator.add_fault("status", status=429, reason="TOO_MANY_REQUESTS",
+                       headers={"Retry-After": "0"}, path=name, count=1)
+    emulator.add_fault("status", status=503, reason="SERVICE_UNAVAILABLE", path=name, count=1)
+    assert (m.path / JOB / name).read_bytes() == backup.files[name]
+    assert not emulator.faults
+
+
+@pytest.mark.parametrize("kind", ["wrong_range", "ignore_range"])
+def test_untrustworthy_answers_are_refused_never_served(
+        mount: MountFactory, emulator: Emulator, backup: Backup, kind: str) -> None:
+    m = mount("--direct-io")
+    m.expect_log("does not match the request|ignored Range")
+    name = "Attachments_001.zip"
+    emulator.add_fault(kind, path=name, count=None)
+    fd = os.open(m.path / JOB / name, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as info:
+            os.pread(fd, 4096, 2 * MiB + 5)
+        assert info.value.errno == errno.EIO
+        emulator.faults.clear()
+        offset = 2 * MiB + 5
+        assert os.pread(fd, 4096, offset) == backup.files[name][offset:offset + 4096]
+    finally:
+        os.close(fd)
+
+
+def test_a_file_replaced_on_the_server_is_stale_never_mixed(
+        mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
+    m = mount("--direct-io")
+    m.expect_log("changed on the server")
+    name = "Attachments_001.zip"
+    old = backup.files[name]
+    new = bytes(reversed(old))
+    fd = os.open(m.path / JOB / name, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 100, 0) == old[:100]
+        emulator.replace(f"/v2/crm/{JOB.replace('/', '/backup/')}/{name}", new)
+        with pytest.raises(OSError) as info:
+            os.pread(fd, 100, 3 * MiB)
+        assert info.value.errno == errno.ESTALE
+    finally:
+        os.close(fd)
+    with open(m.path / JOB / name, "rb") as f:
+        f.seek(3 * MiB)
+        assert f.read(100) == new[3 * MiB:3 * MiB + 100]
+
+
+def test_sigterm_during_a_read_unmounts_cleanly(
+        mount: MountFactory, emulator: Emulator) -> None:
+    m = mount("--direct-io")
+    emulator.add_fault("delay", seconds=30, path="Attachments_002.zip", count=None)
+    outcome: list[object] = []
+
+    def slow_read() -> None:
+        try:
+            with open(m.path / JOB / "Attachments_002.zip", "rb", buffering=0) as f:
+                outcome.append(f.read(4096))
+        except OSError as exc:
+            outcome.append(exc)
+
+    probes = len(emulator.arrived)
+    reader = threading.Thread(target=slow_read, daemon=True)
+    reader.start()
+    wait_for(lambda: any(p.endswith("Attachments_002.zip") for p in emulator.arrived[probes:]),
+             10,
+             "the read to reach the server")
+    assert m.stop() == 0
+    assert not is_mounted(m.path)
+    reader.join(10)
+    assert not reader.is_alive()
+    assert outcome and isinstance(outcome[0], OSError)
+
+
+def test_unknown_host_and_plain_http_are_refused(tmp_path: Path, token_file: Path) -> None:
+    from tests.conftest import run_zohofs
+
+    (tmp_path / "m").mkdir()
+    evil = "https://files.example.net/v2/crm/1/backup/2/Data_001.zip"
+    result = run_zohofs("mount", str(tmp_path / "m"), "--link", evil,
+                        "--access-token-file", str(token_file))
+    assert result.returncode == 2
+    assert "files.example.net:443" in result.stderr and "--trust-host" in result.stderr
+    plain = "http://download-accl.zoho.com/v2/crm/1/backup/2/Data_001.zip"
+    result = run_zohofs("mount", str(tmp_path / "m"), "--link", plain,
+                        "--access-token-file", str(token_file))
+    assert result.returncode == 2 and "plain http" in result.stderr
+    assert not is_mounted(tmp_path / "m")
+
+
+def test_the_token_never_reaches_the_log(mount: MountFactory, backup: Backup) -> None:
+    from tests.conftest import TOKEN
+
+    m = mount("--debug")
+    shutil.copyfile(m.path / JOB / "Data_001.zip", m.path.parent / "copy.zip")
+    assert TOKEN not in m.log
+    assert "Data_001.zip" in m.log  # the debug log did see the traffic

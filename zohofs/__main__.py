@@ -1,0 +1,3 @@
+from zohofs.cli import main
+
+raise SystemExit(main())

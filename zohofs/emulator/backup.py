@@ -1,0 +1,128 @@
+"""Deterministic, realistic backup zips, shaped like the ones Zoho CRM produces.
+
+``Data_NNN.zip`` holds ``Data/<Module>_001.csv`` per module (UTF-8 with a BOM, field labels
+as headers) and ``Metadata/*.csv``; ``Attachments_NNN.zip`` holds the files under
+``Attachments/``, named by attachment record id. Each part is a complete zip on its own.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import zipfile
+from dataclasses import dataclass
+
+ZIP_TIME = (2026, 11, 21, 3, 15, 0)
+
+MODULES: dict[str, list[str]] = {
+    "Leads": ["Record Id", "Lead Owner", "Company", "First Name", "Last Name", "Email",
+              "Phone", "Lead Source", "Lead Status", "Created Time", "Modified Time"],
+    "Contacts": ["Record Id", "Contact Owner", "First Name", "Last Name", "Account Name.id",
+                 "Email", "Phone", "Mailing City", "Created Time", "Modified Time"],
+    "Accounts": ["Record Id", "Account Owner", "Account Name", "Website", "Industry",
+                 "Annual Revenue", "Billing City", "Created Time", "Modified Time"],
+    "Deals": ["Record Id", "Deal Owner", "Deal Name", "Amount", "Stage", "Closing Date",
+              "Account Name.id", "Created Time", "Modified Time"],
+    "Notes": ["Record Id", "Note Title", "Note Content", "Parent Id.id", "Created Time"],
+    "Tasks": ["Record Id", "Subject", "Due Date", "Status", "Priority", "Created Time"],
+    "Users": ["Record Id", "Full Name", "Email", "Role.id", "Profile.id", "Status"],
+    "Project_Sites_C": ["Record Id", "Name", "Site Address", "Contact.id", "Created Time"],
+}
+ATTACHMENT_COLUMNS = ["Record Id", "File Name", "Size", "Parent.id", "Record Status",
+                      "Documents", "Created Time", "Modified Time", "Old Attachment Id",
+                      "Field.id", "Link URL"]
+_FIRST = ["Ana", "Björn", "Chen", "Dara", "Émile", "Farah", "Giulia", "Hiro", "Ivan", "Jyoti"]
+_LAST = ["Ahmed", "Berg", "Costa", "Dubois", "Egede", "Fujita", "García", "Horvat", "Ito"]
+_WORDS = ["renewal", "quote", "follow-up", "demo", "contract", "invoice", "onsite", "pilot"]
+_EXTENSIONS = [".pdf", ".png", ".docx", ".xlsx", ".jpg", ".txt"]
+
+
+@dataclass(frozen=True)
+class Backup:
+    zgid: str
+    job_id: str
+    files: dict[str, bytes]  # file name -> zip bytes
+
+
+def _record_id(rng: random.Random) -> str:
+    return f"4876876{rng.randrange(10**12):012d}"
+
+
+def _value(rng: random.Random, column: str, row: int) -> str:
+    if column == "Record Id" or column.endswith(".id"):
+        return _record_id(rng)
+    if "Time" in column or "Date" in column:
+        return f"2026-{rng.randint(1, 11):02d}-{rng.randint(1, 28):02d}T10:{row % 60:02d}:00+05:30"
+    if column == "Email":
+        return f"{rng.choice(_FIRST).lower()}.{row}@example.com"
+    if column in ("Amount", "Annual Revenue"):
+        return f"{rng.randint(1000, 900000)}.00"
+    if "Name" in column or "Owner" in column:
+        return f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
+    return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 4)))
+
+
+def _csv(columns: list[str], rows: list[list[str]]) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(columns)
+    writer.writerows(rows)
+    return b"\xef\xbb\xbf" + out.getvalue().encode("utf-8")
+
+
+def _add(zf: zipfile.ZipFile, name: str, data: bytes, compress: bool) -> None:
+    info = zipfile.ZipInfo(name, ZIP_TIME)
+    info.compress_type = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    zf.writestr(info, data)
+
+
+def generate(seed: int = 1, size: int = 24 << 20, part_size: int = 1 << 30,
+             zgid: str = "757345985", job_id: str = "4876876000001594004",
+             rows: int = 200) -> Backup:
+    """A backup of about ``size`` bytes, attachments split into parts of ``part_size``."""
+    rng = random.Random(seed)
+    data = io.BytesIO()
+    attachments: list[tuple[str, str, int]] = []  # (record id, file name, size)
+    budget = max(0, size - 64 * 1024 * len(MODULES))
+    while budget > 0:
+        n = min(budget, rng.randint(16 * 1024, 2 << 20))
+        name = f"{rng.choice(_WORDS)}-{len(attachments) + 1}{rng.choice(_EXTENSIONS)}"
+        attachments.append((_record_id(rng), name, n))
+        budget -= n
+    with zipfile.ZipFile(data, "w") as zf:
+        for module, columns in MODULES.items():
+            table = [[_value(rng, c, r) for c in columns] for r in range(rows)]
+            _add(zf, f"Data/{module}_001.csv", _csv(columns, table), compress=True)
+        att_rows = [[rid, name, str(n), _record_id(rng), "Available", "",
+                     "2026-11-01T09:00:00+05:30", "2026-11-02T09:00:00+05:30", "", "", ""]
+                    for rid, name, n in attachments]
+        _add(zf, "Data/Attachments_001.csv", _csv(ATTACHMENT_COLUMNS, att_rows), compress=True)
+        modules = [[_record_id(rng), m, m.replace("_C", "").replace("_", " ")] for m in MODULES]
+        _add(zf, "Metadata/Modules_001.csv",
+             _csv(["Record Id", "API Name", "Module Name"], modules), compress=True)
+        fields = [[_record_id(rng), m, c] for m, cols in MODULES.items() for c in cols]
+        _add(zf, "Metadata/Fields_001.csv",
+             _csv(["Record Id", "Module", "Field Label"], fields), compress=True)
+    files = {"Data_001.zip": data.getvalue()}
+
+    part = 0
+    current: io.BytesIO | None = None
+    zf_part: zipfile.ZipFile | None = None
+    for rid, name, n in attachments:
+        if zf_part is None or (current is not None and current.tell() + n > part_size
+                               and current.tell() > 0):
+            if zf_part is not None and current is not None:
+                zf_part.close()
+                files[f"Attachments_{part:03d}.zip"] = current.getvalue()
+            part += 1
+            current = io.BytesIO()
+            zf_part = zipfile.ZipFile(current, "w", allowZip64=True)
+        # Attachment bodies are already compressed formats in real backups: random bytes
+        # stored as-is are the honest stand-in (and keep part sizes predictable).
+        _add(zf_part, f"Attachments/{rid}_{name}", rng.randbytes(n), compress=False)
+    if zf_part is not None and current is not None:
+        zf_part.close()
+        files[f"Attachments_{part:03d}.zip"] = current.getvalue()
+    return Backup(zgid, job_id, files)

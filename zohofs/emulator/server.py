@@ -1,0 +1,303 @@
+"""The emulated download host: Range, validators, Zoho's errors, a request log and faults.
+
+Runs in a background thread so that tests can script faults and read the log in-process
+while a mount in another process talks to it over a real socket.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import logging
+import mmap
+import os
+import re
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from zohofs.emulator.backup import Backup
+
+log = logging.getLogger(__name__)
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_FILE_PATH = re.compile(r"^/v2/crm/(\d+)/backup/(\d+)/([^/]+)$")
+# The emulated backups "completed" at this time; links expire 7 days later.
+DEFAULT_LAST_MODIFIED = 1795230900.0  # 2026-11-21T03:15:00Z
+
+
+@dataclass
+class ServedFile:
+    data: bytes | mmap.mmap
+    etag: str
+    last_modified: float
+
+
+@dataclass
+class Fault:
+    """Something to do instead of (or on top of) a normal answer.
+
+    kinds: ``status`` (answer ``status``/``reason`` with ``headers``), ``delay`` (wait
+    ``seconds``, then answer normally), ``reset`` (send half the body, then drop the
+    connection), ``truncate`` (promise the whole body, send less, close), ``ignore_range``
+    (answer 200 with the whole file), ``wrong_range`` (a Content-Range one byte off).
+    ``count`` is how many matching requests it applies to; None means forever.
+    """
+
+    kind: str
+    status: int = 500
+    reason: str = "INTERNAL_ERROR"
+    headers: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    path: str | None = None
+    count: int | None = 1
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    status: int
+
+
+class Emulator:
+    """Zoho's download host on a loopback socket (TLS optional)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, tls: bool = False,
+                 tokens: set[str] | None = None, ca_path: str | None = None) -> None:
+        self.tokens: set[str] = set(tokens or {"emulator-token"})
+        self.files: dict[str, ServedFile] = {}
+        self.requests: list[Request] = []
+        self.arrived: list[str] = []  # paths as requests arrive, before any answer
+        self.faults: list[Fault] = []
+        self._lock = threading.Lock()
+        self._server = _Server((host, port), _Handler)
+        self._server.emulator = self
+        self.ca_path: str | None = None
+        if tls:
+            import trustme  # only the TLS mode needs it
+
+            ca = trustme.CA()
+            cert = ca.issue_cert("127.0.0.1", "localhost", "::1")
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            cert.configure_cert(ctx)
+            self._server.ssl_context = ctx
+            self.ca_path = ca_path or os.path.join(
+                os.environ.get("TMPDIR", "/tmp"), f"zohofs-emulator-ca-{os.getpid()}.pem")
+            ca.cert_pem.write_to_path(self.ca_path)
+        address = self._server.server_address
+        self.host, self.port = str(address[0]), int(address[1])
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        scheme = "https" if self._server.ssl_context else "http"
+        host = f"[{self.host}]" if ":" in str(self.host) else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+    # -- content -----------------------------------------------------------------------
+
+    def add_file(self, zgid: str, job_id: str, name: str, data: bytes | mmap.mmap,
+                 last_modified: float = DEFAULT_LAST_MODIFIED, etag: str | None = None) -> str:
+        path = f"/v2/crm/{zgid}/backup/{job_id}/{name}"
+        if etag is None:
+            etag = '"' + hashlib.blake2b(data, digest_size=12).hexdigest() + '"'
+        self.files[path] = ServedFile(data, etag, last_modified)
+        return self.base_url + path
+
+    def add_backup(self, backup: Backup) -> list[str]:
+        return [self.add_file(backup.zgid, backup.job_id, name, data)
+                for name, data in sorted(backup.files.items())]
+
+    def add_data_dir(self, root: Path) -> list[str]:
+        """Serve every file under ``root/v2/crm/<zgid>/backup/<job>/``."""
+        links = []
+        for path in sorted(root.glob("v2/crm/*/backup/*/*")):
+            m = _FILE_PATH.match("/" + path.relative_to(root).as_posix())
+            if not m or not path.is_file():
+                continue
+            st = path.stat()
+            with open(path, "rb") as f:
+                data: bytes | mmap.mmap = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                                           if st.st_size else b"")
+            links.append(self.add_file(m[1], m[2], m[3], data, st.st_mtime,
+                                       f'"{st.st_size:x}-{int(st.st_mtime):x}"'))
+        return links
+
+    def replace(self, url_or_path: str, data: bytes) -> None:
+        """Swap a file's content for a new version (new ETag and Last-Modified)."""
+        path = "/" + url_or_path.split("/", 3)[-1] if "://" in url_or_path else url_or_path
+        old = self.files[path]
+        etag = '"' + hashlib.blake2b(data, digest_size=12).hexdigest() + '"'
+        self.files[path] = ServedFile(data, etag, old.last_modified + 3600)
+
+    # -- faults and log ----------------------------------------------------------------
+
+    def add_fault(self, kind: str, **kwargs: Any) -> Fault:
+        fault = Fault(kind, **kwargs)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def _take_fault(self, path: str) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.path is None or fault.path in path:
+                    if fault.count is not None:
+                        fault.count -= 1
+                        if fault.count <= 0:
+                            self.faults.remove(fault)
+                    return fault
+        return None
+
+    def gets(self, name: str | None = None) -> list[Request]:
+        """Logged GETs, optionally only those for paths ending in ``name``."""
+        return [r for r in list(self.requests)
+                if r.method == "GET" and (name is None or r.path.endswith("/" + name))]
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> Emulator:
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        name="zohofs-emulator", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread:
+            self._thread.join()
+
+    def __enter__(self) -> Emulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    emulator: Emulator
+    ssl_context: ssl.SSLContext | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # The TLS handshake happens here, in the connection's own thread, so one slow
+        # client cannot stall the accept loop.
+        if self.ssl_context is not None:
+            try:
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError):
+                return
+        super().finish_request(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.client_address[0], *args)
+
+    def _record(self, status: int) -> None:
+        self.server.emulator.requests.append(
+            Request(self.command, self.path, dict(self.headers.items()), status))
+
+    def _error(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        body = (f'{{"code":"{reason}","details":{{}},"message":"{reason}",'
+                f'"status":"error"}}').encode()
+        self._record(status)
+        self.send_response(status, reason)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _not_get(self) -> None:
+        self._error(400, "INVALID_REQUEST_METHOD")
+
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_get
+
+    def do_GET(self) -> None:
+        emu = self.server.emulator
+        emu.arrived.append(self.path)
+        fault = emu._take_fault(self.path)
+        if fault and fault.kind == "status":
+            return self._error(fault.status, fault.reason, fault.headers)
+        if fault and fault.kind == "delay":
+            time.sleep(fault.seconds)
+        served = emu.files.get(self.path.split("?", 1)[0])
+        if served is None:
+            return self._error(401, "URL_RULE_NOT_CONFIGURED")
+        auth = self.headers.get("Authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme != "Zoho-oauthtoken" or token not in emu.tokens:
+            return self._error(401, "INVALID_OAUTHSCOPE")
+        self._send_file(served, fault)
+
+    def _send_file(self, served: ServedFile, fault: Fault | None) -> None:
+        size = len(served.data)
+        last_modified = email.utils.formatdate(served.last_modified, usegmt=True)
+        if_match = self.headers.get("If-Match")
+        if if_match and if_match.strip() not in ("*", served.etag):
+            return self._error(412, "PRECONDITION_FAILED")
+        since = self.headers.get("If-Unmodified-Since")
+        if since:
+            try:
+                when = email.utils.parsedate_to_datetime(since).timestamp()
+            except (TypeError, ValueError):
+                when = None
+            if when is not None and int(served.last_modified) > int(when):
+                return self._error(412, "PRECONDITION_FAILED")
+
+        start, end = 0, size - 1
+        status = 200
+        m = _RANGE.match(self.headers.get("Range", "").strip())
+        if m and not (fault and fault.kind == "ignore_range") and (m[1] or m[2]):
+            if m[1]:
+                start, end = int(m[1]), min(int(m[2]) if m[2] else size - 1, size - 1)
+            else:
+                start, end = max(0, size - int(m[2])), size - 1
+            if start >= size or start > end:
+                return self._error(416, "REQUESTED_RANGE_NOT_SATISFIABLE",
+                                   {"Content-Range": f"bytes */{size}"})
+            status = 206
+        length = end - start + 1
+        self._record(status)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/zip")
+        self.send_header("Content-Disposition",
+                         f'attachment; filename="{self.path.rsplit("/", 1)[-1]}"')
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", served.etag)
+        self.send_header("Last-Modified", last_modified)
+        if status == 206:
+            shift = 1 if fault and fault.kind == "wrong_range" else 0
+            self.send_header("Content-Range",
+                             f"bytes {start + shift}-{end + shift}/{size}")
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        body = memoryview(served.data)[start:end + 1]
+        if fault and fault.kind in ("reset", "truncate"):
+            self.wfile.write(body[:length // 2])
+            self.wfile.flush()
+            if fault.kind == "reset":
+                # SO_LINGER 0 makes close() send RST instead of FIN.
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                           b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            self.close_connection = True
+            return
+        step = 1 << 20
+        try:
+            for i in range(0, length, step):
+                self.wfile.write(body[i:i + step])
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True

@@ -1,0 +1,132 @@
+"""The one table that says what every zohofs error means.
+
+Exception tree (each class carries its errno and the log level it deserves)::
+
+    ZohofsError                      EIO
+    ├── ConfigError                  (never reaches FUSE: bad flags, files, hosts)
+    ├── ReadOnly                     EROFS   any write, create, truncate
+    ├── NoSuchEntry                  ENOENT  a name that is not in the tree
+    ├── NoAttribute                  ENODATA a missing xattr
+    └── RemoteError                  EIO     anything the download host did wrong
+        ├── AccessDenied             EACCES  401 / 403
+        │   └── LinkExpired          EACCES  the link is past its expiry date
+        ├── RemoteNotFound           ENOENT  404
+        ├── ServerError              EIO     5xx
+        ├── Throttled                EAGAIN  429 (after retries)
+        ├── TransportError           EIO     connection refused, reset, timeout, truncated body
+        ├── BadAnswer                EIO     an answer zohofs must not trust (wrong range, length)
+        └── RemoteChanged            ESTALE  the file's validator changed under an open file
+
+Nothing outside this module decides which errno an error becomes.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import logging
+
+
+class ZohofsError(Exception):
+    errno: int = _errno.EIO
+    log_level: int = logging.ERROR
+
+
+class ConfigError(ZohofsError):
+    """Bad configuration: reported to the user before anything is mounted."""
+
+
+class ReadOnly(ZohofsError):
+    errno = _errno.EROFS
+    log_level = logging.DEBUG
+
+
+class NoSuchEntry(ZohofsError):
+    errno = _errno.ENOENT
+    log_level = logging.DEBUG
+
+
+class NoAttribute(ZohofsError):
+    errno = _errno.ENODATA
+    log_level = logging.DEBUG
+
+
+class RemoteError(ZohofsError):
+    """The download host failed us; ``transient`` errors are worth another try."""
+
+    transient: bool = False
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class AccessDenied(RemoteError):
+    errno = _errno.EACCES
+    log_level = logging.WARNING
+
+
+class LinkExpired(AccessDenied):
+    pass
+
+
+class RemoteNotFound(RemoteError):
+    errno = _errno.ENOENT
+    log_level = logging.WARNING
+
+
+class ServerError(RemoteError):
+    transient = True
+
+
+class Throttled(RemoteError):
+    errno = _errno.EAGAIN
+    log_level = logging.WARNING
+    transient = True
+
+
+class TransportError(RemoteError):
+    transient = True
+
+
+class BadAnswer(RemoteError):
+    """The server answered something that would make us serve wrong bytes."""
+
+
+class RemoteChanged(RemoteError):
+    errno = _errno.ESTALE
+    log_level = logging.WARNING
+
+
+# Statuses that are not worth repeating even though they are 5xx (RFC 9110: the
+# server will not ever do what was asked).
+_PERMANENT_5XX = frozenset({501, 505})
+
+
+def error_for_status(status: int, reason: str, url: str,
+                     retry_after: float | None = None) -> RemoteError:
+    """The domain error for an HTTP answer that is not a success.
+
+    Zoho's download host puts its error code in the reason phrase
+    (``401 INVALID_OAUTHSCOPE``), so the reason is part of the message.
+    """
+    message = f"HTTP {status} {reason} from {url}".rstrip()
+    if status in (401, 403):
+        return AccessDenied(message, status=status)
+    if status in (404, 410):
+        return RemoteNotFound(message, status=status)
+    if status == 429:
+        return Throttled(message, status=status, retry_after=retry_after)
+    if status == 408:
+        return TransportError(message, status=status, retry_after=retry_after)
+    if status >= 500:
+        err = ServerError(message, status=status, retry_after=retry_after)
+        err.transient = status not in _PERMANENT_5XX
+        return err
+    return BadAnswer(message, status=status)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """The one retry predicate: worth trying the same request again."""
+    return isinstance(exc, RemoteError) and exc.transient

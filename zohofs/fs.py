@@ -1,0 +1,302 @@
+"""The filesystem without FUSE: inode tree, attributes, open files and reads.
+
+Everything here is callable from tests with no kernel involved; ``operations.py`` only
+translates to and from pyfuse3's types.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import trio
+
+from zohofs.cache import BlockCache
+from zohofs.errors import NoSuchEntry, ReadOnly, RemoteChanged, ZohofsError
+from zohofs.logs import redact_url
+from zohofs.readahead import Readahead
+from zohofs.remote import RangeReader, RemoteInfo
+from zohofs.zoho import BackupFile
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+# Zoho's sample expiry dates are exactly 7 days after the backup completed.
+LINK_LIFETIME = timedelta(days=7)
+# How long the kernel may keep names and attributes. Short for entries that failed, so
+# that the next access asks (and probes) again.
+GOOD_TIMEOUT = 60.0
+FAILED_TIMEOUT = 0.0
+
+
+@dataclass(frozen=True)
+class Attr:
+    ino: int
+    mode: int
+    nlink: int
+    size: int
+    mtime_ns: int
+    uid: int
+    gid: int
+    blksize: int
+    timeout: float
+
+    @property
+    def blocks(self) -> int:
+        return (self.size + 511) // 512
+
+
+@dataclass(eq=False)
+class Node:
+    ino: int
+    name: str
+    parent: int
+    file: BackupFile | None = None  # None for directories
+    children: dict[str, int] = field(default_factory=dict)
+    info: RemoteInfo | None = None
+    error: ZohofsError | None = None
+    probe_lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.file is None
+
+
+@dataclass(eq=False)
+class OpenFile:
+    node: Node
+    info: RemoteInfo
+    readahead: Readahead
+
+
+def stable_inode(path: str, taken: Iterable[int]) -> int:
+    """An inode number derived from the path, so it is the same on every mount.
+
+    Backup tools compare inode numbers between runs; the mount time must not change them.
+    """
+    used = set(taken)
+    digest = int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "big")
+    ino = (digest & (2**63 - 1)) or 2
+    while ino <= ROOT_INODE or ino in used:  # a 63-bit collision: still deterministic
+        ino = (ino + 1) & (2**63 - 1)
+    return ino
+
+
+class ZohoFS:
+    def __init__(self, reader: RangeReader, cache: BlockCache, *, block_size: int,
+                 readahead_blocks: int, uid: int | None = None, gid: int | None = None) -> None:
+        self._reader = reader
+        self._cache = cache
+        self.block_size = block_size
+        # Prefetched blocks must fit in the cache next to the ones being read.
+        self._max_window = max(0, min(readahead_blocks, cache.capacity // block_size // 2))
+        self._uid = os.getuid() if uid is None else uid
+        self._gid = os.getgid() if gid is None else gid
+        self._nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, "", ROOT_INODE)}
+        self._open: dict[int, OpenFile] = {}
+        self._next_fh = 1
+        self._nursery: trio.Nursery | None = None
+
+    # -- building the tree -------------------------------------------------------------
+
+    def add_files(self, files: Iterable[BackupFile]) -> None:
+        for f in files:
+            parent = self._nodes[ROOT_INODE]
+            for part in (f.zgid, f.job_id):
+                parent = self._child(parent, part, None)
+            self._child(parent, f.name, f)
+
+    def _child(self, parent: Node, name: str, file: BackupFile | None) -> Node:
+        ino = parent.children.get(name)
+        if ino is not None:
+            return self._nodes[ino]
+        path = file.path if file else self._path(parent, name)
+        node = Node(stable_inode(path, self._nodes), name, parent.ino, file)
+        self._nodes[node.ino] = node
+        parent.children[name] = node.ino
+        return node
+
+    def _path(self, parent: Node, name: str) -> str:
+        parts = [name]
+        while parent.ino != ROOT_INODE:
+            parts.append(parent.name)
+            parent = self._nodes[parent.parent]
+        return "/".join(reversed(parts)) + "/"
+
+    @property
+    def files(self) -> list[Node]:
+        return [n for n in self._nodes.values() if not n.is_dir]
+
+    async def probe_all(self) -> None:
+        """Probe every file's size at once; failures are kept and retried on access."""
+        async with trio.open_nursery() as nursery:
+            for node in self.files:
+                nursery.start_soon(self._probe_quietly, node)
+
+    async def _probe_quietly(self, node: Node) -> None:
+        try:
+            await self._probe(node)
+        except ZohofsError as exc:
+            log.log(exc.log_level, "%s: %s", node.file.path if node.file else node.name, exc)
+
+    async def _probe(self, node: Node) -> RemoteInfo:
+        assert node.file is not None
+        async with node.probe_lock:  # one probe per file, however many callers ask
+            if node.info is not None:
+                return node.info
+            try:
+                node.info = await self._reader.probe(node.file.url)
+            except ZohofsError as exc:
+                node.error = exc
+                raise
+            node.error = None
+            log.debug("%s: %d bytes (%s)", node.file.path, node.info.size,
+                      redact_url(node.file.url))
+            return node.info
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Give the filesystem a place to run background prefetches."""
+        self._nursery = nursery
+
+    # -- metadata ----------------------------------------------------------------------
+
+    def _node(self, ino: int) -> Node:
+        try:
+            return self._nodes[ino]
+        except KeyError:
+            raise NoSuchEntry(f"no inode {ino}") from None
+
+    def _mtime(self, node: Node) -> float:
+        if node.file is not None:
+            if node.info and node.info.last_modified is not None:
+                return node.info.last_modified
+            if node.file.expires is not None:
+                return (node.file.expires - LINK_LIFETIME).timestamp()
+            return 0.0
+        return max((self._mtime(self._nodes[c]) for c in node.children.values()), default=0.0)
+
+    def attr(self, node: Node) -> Attr:
+        """Attributes as known now (no I/O): a file not yet probed shows size 0, briefly."""
+        known = node.is_dir or node.info is not None
+        if node.is_dir:
+            mode, nlink, size = stat.S_IFDIR | 0o555, 2 + sum(
+                self._nodes[c].is_dir for c in node.children.values()), 0
+        else:
+            mode, nlink, size = stat.S_IFREG | 0o444, 1, node.info.size if node.info else 0
+        return Attr(node.ino, mode, nlink, size, int(self._mtime(node) * 1e9), self._uid,
+                    self._gid, self.block_size, GOOD_TIMEOUT if known else FAILED_TIMEOUT)
+
+    async def getattr(self, ino: int) -> Attr:
+        node = self._node(ino)
+        if not node.is_dir and node.info is None:
+            await self._probe(node)
+        return self.attr(node)
+
+    async def lookup(self, parent: int, name: str) -> Attr:
+        node = self._node(parent)
+        if name == ".":
+            return await self.getattr(parent)
+        if name == "..":
+            return await self.getattr(node.parent)
+        ino = node.children.get(name)
+        if ino is None:
+            raise NoSuchEntry(f"{name!r} not found")
+        return await self.getattr(ino)
+
+    def readdir(self, ino: int, start: int) -> list[tuple[str, Attr, int]]:
+        """Entries after offset ``start``; offsets are positions in the sorted name list,
+        stable because names never change while the mount lives."""
+        node = self._node(ino)
+        if not node.is_dir:
+            raise NoSuchEntry("not a directory")
+        names = sorted(node.children)
+        return [(name, self.attr(self._nodes[node.children[name]]), i + 1)
+                for i, name in enumerate(names) if i >= start]
+
+    def check_dir(self, ino: int) -> None:
+        if not self._node(ino).is_dir:
+            raise NoSuchEntry("not a directory")
+
+    def statfs(self) -> tuple[int, int, int]:
+        """(block size, total blocks, file count)."""
+        total = sum(n.info.size for n in self.files if n.info)
+        return self.block_size, -(-total // self.block_size), len(self._nodes)
+
+    # -- data --------------------------------------------------------------------------
+
+    async def open(self, ino: int, flags: int) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            raise ReadOnly("zohofs is read-only")
+        node = self._node(ino)
+        if node.is_dir:
+            raise NoSuchEntry("is a directory")
+        info = await self._probe(node)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._open[fh] = OpenFile(node, info, Readahead(self._max_window, self.block_size))
+        return fh
+
+    def release(self, fh: int) -> None:
+        self._open.pop(fh, None)
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
+        """Exactly ``size`` bytes at ``offset``, fewer only at end of file."""
+        handle = self._open.get(fh)
+        if handle is None:
+            raise NoSuchEntry(f"no open file {fh}")
+        info = handle.info
+        end = min(offset + size, info.size)
+        if offset >= end:
+            return b""
+        bs = self.block_size
+        first, last = offset // bs, (end - 1) // bs
+        window = handle.readahead.advise(offset, end - offset)
+        last_block = (info.size - 1) // bs
+        for index in range(first + 1, min(last + window, last_block) + 1):
+            self._prefetch(handle, index)
+        if first == last:
+            block = await self._block(handle, first)
+            return memoryview(block)[offset - first * bs:end - first * bs]
+        parts = [await self._block(handle, i) for i in range(first, last + 1)]
+        return b"".join(parts)[offset - first * bs:end - first * bs]
+
+    def _key(self, handle: OpenFile, index: int) -> Hashable:
+        # The validator is part of the key: bytes of two versions of a file never mix.
+        return (handle.node.ino, handle.info.etag, handle.info.last_modified, index)
+
+    async def _block(self, handle: OpenFile, index: int) -> bytes:
+        assert handle.node.file is not None
+        start = index * self.block_size
+        length = min(self.block_size, handle.info.size - start)
+
+        async def fetch() -> bytes:
+            assert handle.node.file is not None
+            return await self._reader.fetch(handle.node.file.url, start, length, handle.info)
+
+        try:
+            return await self._cache.get(self._key(handle, index), fetch)
+        except RemoteChanged:
+            # Open handles keep failing with ESTALE; the next open probes the new version.
+            if handle.node.info is handle.info:
+                handle.node.info = None
+            raise
+
+    def _prefetch(self, handle: OpenFile, index: int) -> None:
+        if self._nursery is None or self._key(handle, index) in self._cache:
+            return
+        self._nursery.start_soon(self._prefetch_block, handle, index)
+
+    async def _prefetch_block(self, handle: OpenFile, index: int) -> None:
+        try:
+            await self._block(handle, index)
+        except ZohofsError as exc:
+            # The reader that needs this block will fetch it again and report the error.
+            log.debug("prefetch of block %d failed: %s", index, exc)
+        except Exception:
+            # Runs in the mount's top-level nursery: an escape here would end the mount.
+            log.exception("unexpected error in prefetch of block %d", index)

@@ -1,0 +1,149 @@
+"""The pyfuse3 adapter: kernel requests in, domain calls out, errors through one table."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from zohofs.errors import NoAttribute, ReadOnly, ZohofsError
+from zohofs.fs import Attr, ZohoFS
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Answer every failure with an errno; nothing may escape into pyfuse3's loop.
+
+    pyfuse3 only understands FUSEError: anything else ends the main loop, leaves the
+    caller hanging and takes the mount down.
+    """
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except ZohofsError as exc:
+            log.log(exc.log_level, "%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s; answering EIO", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def entry(attr: Attr) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = attr.ino
+    e.generation = 0
+    e.entry_timeout = attr.timeout
+    e.attr_timeout = attr.timeout
+    e.st_mode = attr.mode
+    e.st_nlink = attr.nlink
+    e.st_uid = attr.uid
+    e.st_gid = attr.gid
+    e.st_rdev = 0
+    e.st_size = attr.size
+    e.st_blksize = attr.blksize
+    e.st_blocks = attr.blocks
+    e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = attr.mtime_ns
+    return e
+
+
+class Operations(pyfuse3.Operations):
+    def __init__(self, fs: ZohoFS, *, direct_io: bool = False) -> None:
+        super().__init__()
+        self.fs = fs
+        self.direct_io = direct_io
+
+    @handler
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        return entry(await self.fs.lookup(parent_inode, os.fsdecode(name)))
+
+    @handler
+    async def getattr(self, inode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        return entry(await self.fs.getattr(inode))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # Inodes live as long as the mount: nothing to free, and forget() must not raise.
+        pass
+
+    @handler
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        self.fs.check_dir(inode)
+        return inode
+
+    @handler
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        for name, attr, next_id in self.fs.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), entry(attr), next_id):
+                break
+
+    @handler
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    @handler
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        fh = await self.fs.open(inode, flags)
+        # The content behind an open handle is pinned by its validator, so the kernel may
+        # keep its page cache across opens.
+        return pyfuse3.FileInfo(fh=fh, direct_io=self.direct_io, keep_cache=True)
+
+    @handler
+    async def read(  # type: ignore[override]
+            self, fh: int, off: int, size: int) -> bytes | memoryview:
+        # pyfuse3 takes any buffer here (it calls PyObject_GetBuffer): a memoryview into a
+        # cached block spares a copy per kernel read.
+        return await self.fs.read(fh, off, size)
+
+    @handler
+    async def release(self, fh: int) -> None:
+        self.fs.release(fh)
+
+    @handler
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        bsize, blocks, files = self.fs.statfs()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = bsize
+        s.f_blocks = blocks
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = files
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    @handler
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        raise NoAttribute("no extended attributes")
+
+    @handler
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return []
+
+    @handler
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        if mode & os.W_OK:
+            raise ReadOnly("zohofs is read-only")
+        return True
+
+    # Everything that would change the tree: read-only, never ENOSYS (the kernel would
+    # remember ENOSYS for the life of the mount).
+    async def _read_only(self, *args: Any, **kwargs: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
+    write = create = setxattr = removexattr = _read_only

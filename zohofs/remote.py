@@ -1,0 +1,299 @@
+"""Ranged GETs against a download link: probing, validation and retries.
+
+Knows nothing of FUSE or caching. Every answer is checked before a byte of it is used,
+and only errors from :mod:`zohofs.errors` leave this module.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import urljoin
+
+import tenacity
+import trio
+
+from zohofs.auth import TokenSource, authorization_header
+from zohofs.errors import (
+    AccessDenied,
+    BadAnswer,
+    RemoteChanged,
+    RemoteError,
+    error_for_status,
+    is_transient,
+)
+from zohofs.hosts import HostPolicy, host_port
+from zohofs.logs import redact_url
+from zohofs.transport import Transport, read_exactly, read_small
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_UNSATISFIED_RANGE = re.compile(r"^bytes \*/(\d+)$")
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_MAX_REDIRECTS = 5
+
+
+@dataclass(frozen=True)
+class RemoteInfo:
+    """What a probe learnt about a file; the validators are pinned for its lifetime."""
+
+    size: int
+    etag: str | None = None
+    last_modified: float | None = None
+    ranges: bool = True
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5
+    base_delay: float = 0.25
+    max_delay: float = 10.0
+
+
+def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
+    """(first, last, total) of ``bytes first-last/total``; None if malformed."""
+    m = _CONTENT_RANGE.match((value or "").strip())
+    if not m:
+        return None
+    first, last = int(m[1]), int(m[2])
+    total = None if m[3] == "*" else int(m[3])
+    if last < first or (total is not None and last >= total):
+        return None
+    return first, last, total
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def parse_http_date(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_identity(response: http.client.HTTPResponse) -> bool:
+    return response.headers.get("Content-Encoding", "identity").strip().lower() == "identity"
+
+
+class _Wait(tenacity.wait.wait_base):
+    """Exponential backoff with jitter, unless the server said how long to wait."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self._backoff = tenacity.wait_random_exponential(multiplier=policy.base_delay,
+                                                         max=policy.max_delay)
+        self._cap = max(policy.max_delay, 60.0)
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, RemoteError) and exc.retry_after is not None:
+            return min(exc.retry_after, self._cap)
+        return float(self._backoff(retry_state))
+
+
+class RangeReader:
+    """Probe and read byte ranges of download links."""
+
+    def __init__(self, transport: Transport, tokens: TokenSource, policy: HostPolicy,
+                 retry: RetryPolicy = RetryPolicy(), connections_per_host: int = 4) -> None:
+        self._transport = transport
+        self._tokens = tokens
+        self._policy = policy
+        self._retry = retry
+        self._connections = connections_per_host
+        self._limiters: dict[tuple[str, str, int], trio.CapacityLimiter] = {}
+
+    def _limiter(self, url: str) -> trio.CapacityLimiter:
+        key = host_port(url)
+        if key not in self._limiters:
+            self._limiters[key] = trio.CapacityLimiter(self._connections)
+        return self._limiters[key]
+
+    async def probe(self, url: str) -> RemoteInfo:
+        """Size and validators of the file behind ``url``.
+
+        ``Range: bytes=0-0`` rather than HEAD: it works whether or not the server knows
+        HEAD, and tells in one go whether it honours Range at all.
+        """
+        return await self._with_retries(url, {"Range": "bytes=0-0"}, _read_probe)
+
+    async def fetch(self, url: str, start: int, length: int, info: RemoteInfo) -> bytes:
+        """Exactly the bytes ``[start, start+length)`` of the file ``info`` describes."""
+        if length <= 0 or start < 0 or start + length > info.size:
+            raise BadAnswer(f"range {start}+{length} outside a file of {info.size} bytes")
+        headers = {"Range": f"bytes={start}-{start + length - 1}"}
+        # Pin the validator seen at probe time: a replaced file fails with 412 (-> ESTALE)
+        # instead of mixing old and new bytes. Weak ETags cannot be used with If-Match.
+        if info.etag and not info.etag.startswith("W/"):
+            headers["If-Match"] = info.etag
+        elif info.last_modified is not None:
+            headers["If-Unmodified-Since"] = email.utils.formatdate(info.last_modified,
+                                                                     usegmt=True)
+
+        def read(response: http.client.HTTPResponse, url: str) -> bytes:
+            return _read_range(response, url, start, length, info)
+
+        return await self._with_retries(url, headers, read)
+
+    async def _with_retries(self, url: str, headers: dict[str, str],
+                            read: Callable[[http.client.HTTPResponse, str], T]) -> T:
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(self._retry.attempts),
+            wait=_Wait(self._retry),
+            retry=tenacity.retry_if_exception(is_transient),
+            before_sleep=lambda state: log.info(
+                "retrying %s after: %s", redact_url(url),
+                state.outcome.exception() if state.outcome else "?"),
+            sleep=trio.sleep,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._authorised_get(url, headers, read)
+        raise AssertionError("unreachable")
+
+    async def _authorised_get(self, url: str, headers: dict[str, str],
+                              read: Callable[[http.client.HTTPResponse, str], T]) -> T:
+        token = await self._tokens.token()
+        try:
+            return await self._get(url, headers, token, read)
+        except AccessDenied as exc:
+            # An access token that expired under us is renewed once, then tried again.
+            if exc.status == 401 and await self._tokens.rejected(token):
+                return await self._get(url, headers, await self._tokens.token(), read)
+            raise
+
+    async def _get(self, url: str, headers: dict[str, str], token: str,
+                   read: Callable[[http.client.HTTPResponse, str], T]) -> T:
+        for _hop in range(_MAX_REDIRECTS + 1):
+            sent = {"Accept-Encoding": "identity", "User-Agent": "zohofs", **headers}
+            # The token goes only to hosts that may see it, also after a redirect.
+            if self._policy.may_send_token(url):
+                sent["Authorization"] = authorization_header(token)
+
+            def call(url: str = url, sent: dict[str, str] = sent) -> T | _Redirect:
+                return self._transport.request(
+                    "GET", url, sent, lambda r: _follow_or_read(r, url, read))
+
+            result = await trio.to_thread.run_sync(call, abandon_on_cancel=True,
+                                                   limiter=self._limiter(url))
+            if not isinstance(result, _Redirect):
+                return result
+            url = str(result)
+        raise BadAnswer(f"more than {_MAX_REDIRECTS} redirects from {redact_url(url)}")
+
+
+class _Redirect(str):
+    """The absolute target of a redirect the transport handed back."""
+
+
+def _follow_or_read(response: http.client.HTTPResponse, url: str,
+                    read: Callable[[http.client.HTTPResponse, str], T]) -> T | _Redirect:
+    if response.status in _REDIRECTS:
+        location = response.headers.get("Location")
+        read_small(response)
+        if not location:
+            raise BadAnswer(f"redirect without Location from {redact_url(url)}")
+        target = urljoin(url, location)
+        host_port(target)  # refuses non-http(s) targets
+        return _Redirect(target)
+    return read(response, url)
+
+
+def _raise_for_status(response: http.client.HTTPResponse, url: str) -> None:
+    read_small(response)
+    raise error_for_status(response.status, response.reason, redact_url(url),
+                           parse_retry_after(response.headers.get("Retry-After")))
+
+
+def _validators(response: http.client.HTTPResponse) -> tuple[str | None, float | None]:
+    return (response.headers.get("ETag"),
+            parse_http_date(response.headers.get("Last-Modified")))
+
+
+def _read_probe(response: http.client.HTTPResponse, url: str) -> RemoteInfo:
+    etag, mtime = _validators(response)
+    if response.status == 206:
+        parsed = parse_content_range(response.headers.get("Content-Range"))
+        if parsed is None or parsed[:2] != (0, 0) or parsed[2] is None:
+            raise BadAnswer(f"probe of {redact_url(url)}: unusable Content-Range "
+                            f"{response.headers.get('Content-Range')!r}")
+        read_exactly(response, 1)
+        return RemoteInfo(parsed[2], etag, mtime, ranges=True)
+    if response.status == 416:
+        # Only an empty file cannot satisfy bytes=0-0.
+        m = _UNSATISFIED_RANGE.match(response.headers.get("Content-Range", "").strip())
+        read_small(response)
+        if m and int(m[1]) == 0:
+            return RemoteInfo(0, etag, mtime, ranges=True)
+        raise BadAnswer(f"probe of {redact_url(url)}: 416 without an empty-file Content-Range")
+    if response.status == 200:
+        # The server ignored Range and started sending the whole file: take the size from
+        # Content-Length and hang up (the transport closes a half-read connection).
+        length = response.headers.get("Content-Length", "")
+        if not length.isdigit() or not _is_identity(response):
+            raise BadAnswer(f"probe of {redact_url(url)}: 200 without a usable Content-Length")
+        log.warning("%s ignores Range requests: only whole-file reads will work",
+                    redact_url(url))
+        return RemoteInfo(int(length), etag, mtime, ranges=False)
+    _raise_for_status(response, url)
+    raise AssertionError("unreachable")
+
+
+def _read_range(response: http.client.HTTPResponse, url: str, start: int, length: int,
+                info: RemoteInfo) -> bytes:
+    where = f"{redact_url(url)} bytes {start}-{start + length - 1}"
+    status = response.status
+    if status in (412, 416):
+        read_small(response)
+        raise RemoteChanged(f"{where}: the file changed on the server (HTTP {status})",
+                            status=status)
+    if status not in (200, 206):
+        _raise_for_status(response, url)
+    etag, mtime = _validators(response)
+    if (info.etag and etag and etag != info.etag) or (
+            info.etag is None and info.last_modified and mtime and mtime != info.last_modified):
+        raise RemoteChanged(f"{where}: the file changed on the server (validator "
+                            f"{info.etag or info.last_modified} -> {etag or mtime})")
+    if not _is_identity(response):
+        raise BadAnswer(f"{where}: encoded answer "
+                        f"({response.headers.get('Content-Encoding')}) refused")
+    if status == 200:
+        # A whole-file answer is only the range we asked for when the range is the file.
+        if start == 0 and length == info.size and response.length == length:
+            return read_exactly(response, length)
+        raise BadAnswer(f"{where}: the server ignored Range (HTTP 200); refusing to guess")
+    parsed = parse_content_range(response.headers.get("Content-Range"))
+    if parsed != (start, start + length - 1, info.size):
+        total = parsed[2] if parsed else None
+        if total is not None and total != info.size:
+            raise RemoteChanged(f"{where}: the file size changed from {info.size} to {total}")
+        raise BadAnswer(f"{where}: Content-Range {response.headers.get('Content-Range')!r} "
+                        "does not match the request")
+    if response.length is not None and response.length != length:
+        raise BadAnswer(f"{where}: Content-Length {response.length} does not match the request")
+    data = read_exactly(response, length)
+    if response.length is None and response.read(1):
+        raise BadAnswer(f"{where}: the body is longer than its Content-Range")
+    return data
