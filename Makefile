@@ -20,8 +20,8 @@ demo: deps
 	$(VENV)/bin/zohofs demo $(MOUNTPOINT)
 
 lint: deps
-	$(PY) -m ruff check zohofs tests
-	$(PY) -m mypy zohofs tests
+	$(PY) -m ruff check zohofs tests bench
+	$(PY) -m mypy zohofs tests bench
 
 test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -6,6 +6,7 @@ import errno
 import os
 import random
 import shutil
+import signal
 import stat
 import subprocess
 import threading
@@ -57,9 +58,11 @@ def test_inode_numbers_survive_a_remount(mount: MountFactory) -> None:
     assert len(set(inodes.values())) == len(inodes)
 
 
+@pytest.mark.parametrize("mode", [[], ["--page-cache"]], ids=["direct-io", "page-cache"])
 def test_cp_rsync_and_unzip_give_the_servers_bytes(
-        mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path) -> None:
-    m = mount()
+        mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path,
+        mode: list[str]) -> None:
+    m = mount(*mode)
     job = m.path / JOB
     cp_dest, rsync_dest = tmp_path / "cp", tmp_path / "rsync"
     subprocess.run(["cp", "-r", str(job), str(cp_dest)], check=True)
@@ -105,8 +108,9 @@ def test_random_reads_match_the_source(mount: MountFactory, backup: Backup) -> N
 
 def test_concurrent_readers_share_one_get_per_block(
         mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
-    # direct_io: every reader's read reaches zohofs, so the block cache is what is tested.
-    m = mount("--direct-io")
+    # Direct I/O (the default): every reader's read reaches zohofs, so the block cache is
+    # what is tested.
+    m = mount()
     name = "Attachments_002.zip"
     data = backup.files[name]
     results: list[bytes] = []
@@ -176,7 +180,7 @@ def test_missing_names_and_writes(mount: MountFactory) -> None:
 
 def test_retries_hide_transient_faults(
         mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
-    m = mount("--direct-io")
+    m = mount()
     m.expect_log("retrying")
     name = "Attachments_001.zip"
     for kind in ("reset", "truncate"):
@@ -191,7 +195,7 @@ def test_retries_hide_transient_faults(
 @pytest.mark.parametrize("kind", ["wrong_range", "ignore_range"])
 def test_untrustworthy_answers_are_refused_never_served(
         mount: MountFactory, emulator: Emulator, backup: Backup, kind: str) -> None:
-    m = mount("--direct-io")
+    m = mount()
     m.expect_log("does not match the request|ignored Range")
     name = "Attachments_001.zip"
     emulator.add_fault(kind, path=name, count=None)
@@ -209,7 +213,7 @@ def test_untrustworthy_answers_are_refused_never_served(
 
 def test_a_file_replaced_on_the_server_is_stale_never_mixed(
         mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
-    m = mount("--direct-io")
+    m = mount()
     m.expect_log("changed on the server")
     name = "Attachments_001.zip"
     old = backup.files[name]
@@ -230,7 +234,7 @@ def test_a_file_replaced_on_the_server_is_stale_never_mixed(
 
 def test_sigterm_during_a_read_unmounts_cleanly(
         mount: MountFactory, emulator: Emulator) -> None:
-    m = mount("--direct-io")
+    m = mount()
     emulator.add_fault("delay", seconds=30, path="Attachments_002.zip", count=None)
     outcome: list[object] = []
 

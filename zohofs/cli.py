@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pyfuse3
@@ -87,8 +88,9 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
                    help="attempts per request on transient errors; default %(default)s")
     p.add_argument("--retry-delay", type=float, default=Config.retry_base_delay,
                    metavar="SECONDS", help="first backoff between attempts; default %(default)s")
-    p.add_argument("--direct-io", action="store_true",
-                   help="bypass the kernel page cache (bigger reads, no mmap)")
+    p.add_argument("--page-cache", action="store_true",
+                   help="read through the kernel page cache: mmap works and re-reads are "
+                        "fast, but cold reads are slower (the default bypasses it)")
     p.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPT[,OPT]",
                    help="FUSE mount options, e.g. allow_other")
     p.add_argument("-d", "--debug", action="store_true", help="log every request")
@@ -103,7 +105,9 @@ def _add_backup_options(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, links: Sequence[str]) -> Config:
     options = tuple(o for opt in args.fuse_options for o in opt.split(",") if o)
     return Config(
-        mountpoint=args.mountpoint,
+        # Resolved now: once mounted, a stat() of the mount point from the thread that
+        # serves it would wait forever for itself.
+        mountpoint=os.path.realpath(args.mountpoint),
         links=tuple(links),
         ca_file=args.ca_file,
         trust_hosts=frozenset(h.lower() for h in args.trust_host),
@@ -114,7 +118,7 @@ def config_from_args(args: argparse.Namespace, links: Sequence[str]) -> Config:
         timeout=args.timeout,
         retries=args.retries,
         retry_base_delay=args.retry_delay,
-        direct_io=args.direct_io,
+        direct_io=not args.page_cache,
         debug=args.debug,
         fuse_options=options,
     )
@@ -161,40 +165,78 @@ async def serve(config: Config, files: Sequence[BackupFile], tokens: TokenSource
     fs.add_files(files)
     with trio.move_on_after(PROBE_DEADLINE):
         await fs.probe_all()
+    mountpoint = config.mountpoint
     options = set(pyfuse3.default_options) | {"fsname=zohofs", "subtype=zohofs", "ro",
                                               *config.fuse_options}
+    operations = Operations(fs, direct_io=config.direct_io)
     try:
-        pyfuse3.init(Operations(fs, direct_io=config.direct_io), config.mountpoint, options)
+        pyfuse3.init(operations, mountpoint, options)
     except RuntimeError as exc:
         transport.close()
         raise ConfigError(f"cannot mount on {config.mountpoint}: {exc}") from exc
     log.info("mounted %d files on %s", len(files), config.mountpoint)
-    try:
-        async with trio.open_nursery() as nursery:
-            fs.start(nursery)
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-            _notify_systemd("READY=1")
-            if on_ready is not None:
-                nursery.start_soon(on_ready)
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()
-    finally:
-        _notify_systemd("STOPPING=1")
-        pyfuse3.close(unmount=True)
-        transport.close()
-        log.info("unmounted %s", config.mountpoint)
-
-
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
-    # pyfuse3 installs no signal handlers: without this, SIGTERM would kill the process
-    # and leave a dead mount ("Transport endpoint is not connected") behind.
+    # Signals are watched from here until the unmount is done: a second SIGTERM (init
+    # systems and `timeout` both send more than one) must not kill us mid-unmount and
+    # leave a dead mount behind. pyfuse3 installs no handlers of its own.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("%s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
-            await trio.sleep(SHUTDOWN_GRACE)
-            scope.cancel()  # requests still waiting on the network are abandoned
-            return
+        async with trio.open_nursery() as outer:
+            fuse_scope = trio.CancelScope()
+            outer.start_soon(_stop_on_signal, signals, fuse_scope)
+            try:
+                with fuse_scope:
+                    async with trio.open_nursery() as nursery:
+                        fs.start(nursery)
+                        if not config.direct_io:
+                            nursery.start_soon(_raise_kernel_readahead, operations, mountpoint,
+                                               2 * config.block_size)
+                        _notify_systemd("READY=1")
+                        if on_ready is not None:
+                            nursery.start_soon(on_ready)
+                        await pyfuse3.main()
+                        nursery.cancel_scope.cancel()
+            finally:
+                _notify_systemd("STOPPING=1")
+                pyfuse3.close(unmount=True)
+                transport.close()
+                log.info("unmounted %s", config.mountpoint)
+                outer.cancel_scope.cancel()
+
+
+async def _raise_kernel_readahead(operations: Operations, mountpoint: str, size: int) -> None:
+    # The kernel resets the window when it takes the answer to its INIT request.
+    await operations.initialised.wait()
+    _set_kernel_readahead(mountpoint, size)
+
+
+def _set_kernel_readahead(mountpoint: str, size: int) -> None:
+    """Let the kernel read ahead ``size`` bytes on the mount at ``mountpoint`` (resolved).
+
+    Through the page cache, the kernel asks for at most its readahead window (128 KiB by
+    default) at a time; a bigger window means fewer, larger requests into this process,
+    which is what limits throughput (README, "Performance"). Found through mountinfo, not
+    stat(): this thread serves the mount and must not touch it.
+    """
+    try:
+        with open("/proc/self/mountinfo") as f:
+            device = next(line.split()[2] for line in f
+                          if _unescape_mountinfo(line.split()[4]) == mountpoint)
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
+            f.write(str(size // 1024))
+    except (OSError, StopIteration) as exc:
+        log.debug("could not raise the kernel readahead of %s: %s", mountpoint, exc)
+
+
+def _unescape_mountinfo(field: str) -> str:
+    # The kernel writes space, tab, newline and backslash in paths as octal escapes.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+async def _stop_on_signal(signals: AsyncIterator[int], fuse_scope: trio.CancelScope) -> None:
+    async for signum in signals:
+        log.info("%s: unmounting", signal.Signals(signum).name)
+        pyfuse3.terminate()
+        # Requests still waiting on the network get a moment, then are abandoned.
+        fuse_scope.deadline = min(fuse_scope.deadline, trio.current_time() + SHUTDOWN_GRACE)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -241,7 +283,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from zohofs.emulator.server import Emulator
 
-    mountpoint = os.path.abspath(args.mountpoint)
+    mountpoint = os.path.realpath(args.mountpoint)
     os.makedirs(mountpoint, exist_ok=True)
     _check_mountpoint(mountpoint)
     with tempfile.TemporaryDirectory(prefix="zohofs-demo-") as tmp:

@@ -42,7 +42,7 @@ class Config:
     timeout: float = 30.0
     retries: int = 5
     retry_base_delay: float = 0.25
-    direct_io: bool = False
+    direct_io: bool = True
     debug: bool = False
     fuse_options: tuple[str, ...] = ()
 

@@ -68,6 +68,12 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.direct_io = direct_io
+        # Set once the kernel's INIT request has been answered: settings the kernel takes
+        # from that answer (such as readahead) can only be changed after it.
+        self.initialised = trio.Event()
+
+    def init(self) -> None:
+        self.initialised.set()
 
     @handler
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
