@@ -6,7 +6,6 @@ import errno
 import os
 import random
 import shutil
-import signal
 import stat
 import subprocess
 import threading

@@ -86,8 +86,9 @@ def generate(seed: int = 1, size: int = 24 << 20, part_size: int = 1 << 30,
     data = io.BytesIO()
     attachments: list[tuple[str, str, int]] = []  # (record id, file name, size)
     budget = max(0, size - 64 * 1024 * len(MODULES))
+    largest = max(16 * 1024, min(2 << 20, part_size // 2))
     while budget > 0:
-        n = min(budget, rng.randint(16 * 1024, 2 << 20))
+        n = min(budget, rng.randint(16 * 1024, largest))
         name = f"{rng.choice(_WORDS)}-{len(attachments) + 1}{rng.choice(_EXTENSIONS)}"
         attachments.append((_record_id(rng), name, n))
         budget -= n
@@ -111,7 +112,8 @@ def generate(seed: int = 1, size: int = 24 << 20, part_size: int = 1 << 30,
     current: io.BytesIO | None = None
     zf_part: zipfile.ZipFile | None = None
     for rid, name, n in attachments:
-        if zf_part is None or (current is not None and current.tell() + n > part_size
+        # 1 KiB covers the entry's headers and the central directory's share.
+        if zf_part is None or (current is not None and current.tell() + n + 1024 > part_size
                                and current.tell() > 0):
             if zf_part is not None and current is not None:
                 zf_part.close()

@@ -1,0 +1,180 @@
+"""remote.py and fs.py against the emulator in this process, no kernel involved."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from tests.conftest import TOKEN
+from zohofs.auth import StaticToken
+from zohofs.cache import BlockCache
+from zohofs.config import MiB
+from zohofs.emulator.backup import Backup
+from zohofs.emulator.server import Emulator
+from zohofs.errors import (
+    AccessDenied,
+    BadAnswer,
+    RemoteChanged,
+    ServerError,
+    TransportError,
+)
+from zohofs.fs import ZohoFS
+from zohofs.hosts import HostPolicy
+from zohofs.remote import RangeReader, RetryPolicy
+from zohofs.transport import Transport
+from zohofs.zoho import parse_link
+
+NAME = "Attachments_001.zip"
+
+
+def reader_for(emulator: Emulator, ctx: ssl.SSLContext | None = None,
+               attempts: int = 3) -> RangeReader:
+    transport = Transport(ctx or ssl.create_default_context(), timeout=10)
+    return RangeReader(transport, StaticToken(TOKEN),
+                       HostPolicy(frozenset({f"127.0.0.1:{emulator.port}"})),
+                       RetryPolicy(attempts=attempts, base_delay=0.01))
+
+
+@pytest.fixture
+def url(emulator: Emulator) -> str:
+    return next(emulator.base_url + p for p in emulator.files if p.endswith(NAME))
+
+
+async def test_probe_and_fetch(emulator: Emulator, backup: Backup, url: str) -> None:
+    reader = reader_for(emulator)
+    info = await reader.probe(url)
+    data = backup.files[NAME]
+    assert info.size == len(data) and info.ranges and info.etag
+    assert await reader.fetch(url, 1000, 5000, info) == data[1000:6000]
+    assert await reader.fetch(url, len(data) - 7, 7, info) == data[-7:]
+    ranges = [r.headers["Range"] for r in emulator.gets(NAME)]
+    assert ranges == ["bytes=0-0", "bytes=1000-5999", f"bytes={len(data) - 7}-{len(data) - 1}"]
+    sent = emulator.gets(NAME)[-1].headers
+    assert sent["Authorization"] == f"Zoho-oauthtoken {TOKEN}"
+    assert sent["Accept-Encoding"] == "identity" and sent["If-Match"] == info.etag
+
+
+async def test_transient_errors_are_retried_with_retry_after(
+        emulator: Emulator, backup: Backup, url: str) -> None:
+    reader = reader_for(emulator, attempts=4)
+    info = await reader.probe(url)
+    emulator.add_fault("status", status=429, reason="TOO_MANY", headers={"Retry-After": "0"})
+    emulator.add_fault("reset", path=NAME)
+    emulator.add_fault("status", status=502, reason="BAD_GATEWAY")
+    assert await reader.fetch(url, 0, MiB, info) == backup.files[NAME][:MiB]
+    assert len(emulator.arrived) == 5  # probe, three faults, success
+
+
+async def test_retries_are_bounded(emulator: Emulator, url: str) -> None:
+    reader = reader_for(emulator, attempts=3)
+    info = await reader.probe(url)
+    emulator.add_fault("status", status=500, count=None)
+    with pytest.raises(ServerError):
+        await reader.fetch(url, 0, 10, info)
+    assert len(emulator.arrived) == 1 + 3
+
+
+@pytest.mark.parametrize(("kind", "error"), [("wrong_range", BadAnswer),
+                                             ("ignore_range", BadAnswer)])
+async def test_untrustworthy_answers_fail_without_retry(
+        emulator: Emulator, url: str, kind: str, error: type[Exception]) -> None:
+    reader = reader_for(emulator)
+    info = await reader.probe(url)
+    emulator.add_fault(kind, count=None)
+    with pytest.raises(error):
+        await reader.fetch(url, MiB, 4096, info)
+    assert len(emulator.arrived) == 2
+
+
+async def test_a_server_ignoring_range_is_detected_at_probe(
+        emulator: Emulator, backup: Backup, url: str) -> None:
+    emulator.add_fault("ignore_range")
+    info = await reader_for(emulator).probe(url)
+    assert not info.ranges and info.size == len(backup.files[NAME])
+
+
+async def test_a_replaced_file_is_stale(emulator: Emulator, url: str) -> None:
+    reader = reader_for(emulator)
+    info = await reader.probe(url)
+    emulator.replace(url, b"new content")
+    with pytest.raises(RemoteChanged):
+        await reader.fetch(url, 0, 4, info)
+
+
+async def test_a_bad_token_is_access_denied(emulator: Emulator, url: str) -> None:
+    emulator.tokens = {"another"}
+    with pytest.raises(AccessDenied, match="INVALID_OAUTHSCOPE"):
+        await reader_for(emulator).probe(url)
+
+
+@pytest.fixture
+def tls_emulator(backup: Backup, tmp_path: object) -> Iterator[Emulator]:
+    with Emulator(tls=True, tokens={TOKEN}, ca_path=f"{tmp_path}/ca.pem") as emu:
+        emu.add_backup(backup)
+        yield emu
+
+
+async def test_tls_is_verified(tls_emulator: Emulator, backup: Backup) -> None:
+    url = next(tls_emulator.base_url + p for p in tls_emulator.files if p.endswith(NAME))
+    assert url.startswith("https://")
+    trusted = ssl.create_default_context(cafile=tls_emulator.ca_path)
+    info = await reader_for(tls_emulator, trusted).probe(url)
+    assert info.size == len(backup.files[NAME])
+    with pytest.raises(TransportError, match="not trusted") as exc:
+        await reader_for(tls_emulator).probe(url)
+    assert not exc.value.transient
+    assert len(tls_emulator.requests) == 1  # the untrusted server never saw a request
+
+
+async def test_concurrent_reads_of_a_block_cost_one_get(
+        emulator: Emulator, backup: Backup, url: str) -> None:
+    fs = ZohoFS(reader_for(emulator), BlockCache(64 * MiB), block_size=MiB,
+                readahead_blocks=0)
+    fs.add_files([parse_link(url)])
+    await fs.probe_all()
+    node = fs.files[0]
+    handles = [await fs.open(node.ino, 0) for _ in range(8)]
+    results: list[bytes] = []
+
+    async def read(fh: int) -> None:
+        results.append(bytes(await fs.read(fh, MiB + 10, 2 * MiB)))
+
+    async with trio.open_nursery() as nursery:
+        for fh in handles:
+            nursery.start_soon(read, fh)
+    data = backup.files[NAME]
+    assert results == [data[MiB + 10:3 * MiB + 10]] * 8
+    ranges = [r.headers["Range"] for r in emulator.gets(NAME)][1:]
+    assert sorted(ranges) == [f"bytes={MiB}-{2 * MiB - 1}", f"bytes={2 * MiB}-{3 * MiB - 1}",
+                              f"bytes={3 * MiB}-{4 * MiB - 1}"]
+
+
+async def test_sequential_reads_prefetch_ahead(
+        emulator: Emulator, backup: Backup, url: str) -> None:
+    fs = ZohoFS(reader_for(emulator), BlockCache(64 * MiB), block_size=MiB,
+                readahead_blocks=2)
+    fs.add_files([parse_link(url)])
+    await fs.probe_all()
+    fh = await fs.open(fs.files[0].ino, 0)
+    async with trio.open_nursery() as nursery:
+        fs.start(nursery)
+        assert bytes(await fs.read(fh, 0, 4096)) == backup.files[NAME][:4096]
+    # The nursery waited for the prefetch: block 1 was fetched although nobody read it.
+    assert f"bytes={MiB}-{2 * MiB - 1}" in [r.headers["Range"] for r in emulator.gets(NAME)]
+
+
+async def test_a_failed_probe_is_retried_on_access(emulator: Emulator, url: str) -> None:
+    fs = ZohoFS(reader_for(emulator, attempts=1), BlockCache(8 * MiB), block_size=MiB,
+                readahead_blocks=0)
+    fs.add_files([parse_link(url)])
+    fault = emulator.add_fault("status", status=503, count=None)
+    await fs.probe_all()
+    node = fs.files[0]
+    assert fs.readdir(node.parent, 0)[0][0] == NAME  # still listed
+    with pytest.raises(ServerError):
+        await fs.getattr(node.ino)
+    emulator.faults.remove(fault)
+    assert (await fs.getattr(node.ino)).size > 0

@@ -1,0 +1,176 @@
+"""Pure units: the errno table, parsers, link and host rules, readahead, the zip generator."""
+
+from __future__ import annotations
+
+import errno
+import io
+import zipfile
+
+import pyfuse3
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from zohofs.config import MiB, parse_size
+from zohofs.emulator.backup import generate
+from zohofs.errors import (
+    AccessDenied,
+    BadAnswer,
+    ConfigError,
+    RemoteChanged,
+    RemoteNotFound,
+    ServerError,
+    Throttled,
+    TransportError,
+    error_for_status,
+    is_transient,
+)
+from zohofs.fs import stable_inode
+from zohofs.hosts import HostPolicy
+from zohofs.operations import handler
+from zohofs.readahead import Readahead
+from zohofs.remote import parse_content_range, parse_retry_after
+from zohofs.zoho import parse_link
+
+LINK = "https://download-accl.zoho.com/v2/crm/757345985/backup/4876876000001594004/Data_001.zip"
+
+
+@pytest.mark.parametrize(("status", "cls", "code", "transient"), [
+    (401, AccessDenied, errno.EACCES, False),
+    (403, AccessDenied, errno.EACCES, False),
+    (404, RemoteNotFound, errno.ENOENT, False),
+    (429, Throttled, errno.EAGAIN, True),
+    (500, ServerError, errno.EIO, True),
+    (503, ServerError, errno.EIO, True),
+    (501, ServerError, errno.EIO, False),
+    (408, TransportError, errno.EIO, True),
+    (302, BadAnswer, errno.EIO, False),
+])
+def test_errno_table(status: int, cls: type, code: int, transient: bool) -> None:
+    err = error_for_status(status, "REASON", "https://h/x")
+    assert type(err) is cls and err.errno == code and is_transient(err) is transient
+    assert "REASON" in str(err)
+
+
+def test_changed_files_are_stale() -> None:
+    assert RemoteChanged("x").errno == errno.ESTALE
+
+
+@given(st.integers(0, 2**40), st.integers(0, 2**30), st.integers(1, 2**20))
+def test_content_range_round_trip(first: int, length: int, extra: int) -> None:
+    last = first + length
+    assert parse_content_range(f"bytes {first}-{last}/{last + extra}") == (
+        first, last, last + extra)
+
+
+@pytest.mark.parametrize("value", [None, "", "bytes 5-4/10", "bytes 0-10/10", "bytes */10",
+                                   "items 0-1/2", "bytes 0-1/2, 3-4/5", "bytes -1-2/3"])
+def test_bad_content_ranges_are_rejected(value: str | None) -> None:
+    assert parse_content_range(value) is None
+
+
+def test_retry_after() -> None:
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert parse_retry_after("soon") is None
+
+
+def test_links_parse_into_tree_paths() -> None:
+    f = parse_link(LINK)
+    assert (f.zgid, f.job_id, f.name) == ("757345985", "4876876000001594004", "Data_001.zip")
+    assert f.path == "757345985/4876876000001594004/Data_001.zip"
+
+
+@pytest.mark.parametrize("link", [
+    "https://download-accl.zoho.com/v2/crm/75a/backup/1/Data_001.zip",
+    "https://download-accl.zoho.com/v2/crm/1/backup/1/..",
+    "https://download-accl.zoho.com/v2/crm/1/backup/1/%2e%2e",
+    "https://download-accl.zoho.com/v2/crm/1/backup/1/..%2fData_001.zip",
+    "https://download-accl.zoho.com/v2/crm/1/backup/1/Data_001.zip%00",
+    "https://download-accl.zoho.com/v2/crm/1/backup/1/Data.zip",
+    "https://download-accl.zoho.com/v2/crm/1/backup/1/x/Data_001.zip",
+    "ftp://download-accl.zoho.com/v2/crm/1/backup/1/Data_001.zip",
+    "not a link",
+])
+def test_hostile_links_are_refused(link: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_link(link)
+
+
+def test_token_goes_only_to_zoho_and_trusted_hosts() -> None:
+    policy = HostPolicy(frozenset({"127.0.0.1:8080", "mirror.example.org"}))
+    assert policy.may_send_token(LINK)
+    assert policy.may_send_token("https://download-accl.zoho.eu/x")
+    assert policy.may_send_token("http://127.0.0.1:8080/x")
+    assert not policy.may_send_token("http://127.0.0.1:8081/x")
+    assert policy.may_send_token("https://mirror.example.org:9443/x")
+    assert not policy.may_send_token("http://mirror.example.org/x")  # plain http off loopback
+    assert not policy.may_send_token("https://download-accl.zoho.com.evil.net/x")
+    with pytest.raises(ConfigError, match=r"evil\.net:443"):
+        policy.check_link("https://evil.net/v2/crm/1/backup/2/Data_001.zip")
+
+
+def test_readahead_grows_forward_and_resets_on_jumps() -> None:
+    ra = Readahead(max_window=8, slack=MiB)
+    windows = [ra.advise(i * 128 * 1024, 128 * 1024) for i in range(6)]
+    assert windows == [1, 2, 4, 8, 8, 8]
+    assert ra.advise(500 * MiB, 4096) == 0  # a random jump
+    ra.advise(500 * MiB + 4096, 4096)
+    # The kernel's readahead arrives slightly out of order: still sequential.
+    assert ra.advise(500 * MiB, 4096) > 0
+
+
+def test_sizes() -> None:
+    assert parse_size("8M") == 8 * MiB
+    assert parse_size("512k") == 512 * 1024
+    assert parse_size("256", default_unit=MiB) == 256 * MiB
+    with pytest.raises(ConfigError):
+        parse_size("lots")
+
+
+def test_inodes_are_stable_and_distinct() -> None:
+    a = stable_inode("1/2/Data_001.zip", [])
+    assert a == stable_inode("1/2/Data_001.zip", [])
+    assert a > 1 and a != stable_inode("1/2/Data_002.zip", [])
+    assert stable_inode("1/2/Data_001.zip", [a]) != a  # a collision still gets its own
+
+
+def test_generated_backups_are_deterministic_and_realistic() -> None:
+    first = generate(seed=5, size=3 * MiB, part_size=MiB)
+    assert first.files == generate(seed=5, size=3 * MiB, part_size=MiB).files
+    assert first.files != generate(seed=6, size=3 * MiB, part_size=MiB).files
+    parts = [n for n in first.files if n.startswith("Attachments_")]
+    assert "Data_001.zip" in first.files and len(parts) >= 3
+    assert all(len(first.files[n]) <= MiB for n in parts)
+    with zipfile.ZipFile(io.BytesIO(first.files["Data_001.zip"])) as zf:
+        assert zf.testzip() is None
+        names = zf.namelist()
+        assert "Data/Leads_001.csv" in names and "Metadata/Modules_001.csv" in names
+        leads = zf.read("Data/Leads_001.csv")
+        assert leads.startswith(b"\xef\xbb\xbfRecord Id,")
+    with zipfile.ZipFile(io.BytesIO(first.files["Attachments_001.zip"])) as zf:
+        assert all(n.startswith("Attachments/") for n in zf.namelist())
+
+
+async def test_handler_turns_every_failure_into_an_errno() -> None:
+    @handler
+    async def broken() -> None:
+        raise RuntimeError("bug")
+
+    @handler
+    async def denied() -> None:
+        raise AccessDenied("no")
+
+    for fn, code in ((broken, errno.EIO), (denied, errno.EACCES)):
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await fn()
+        assert info.value.errno == code
+
+    @handler
+    async def slow() -> None:
+        await trio.sleep_forever()
+
+    with trio.move_on_after(0.01) as scope:  # cancellation passes through untouched
+        await slow()
+    assert scope.cancelled_caught
