@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="mount a generated backup served by the emulator")
     d.add_argument("mountpoint", nargs="?", default="./zoho-demo")
-    _add_backup_options(d)
+    _add_backup_options(d, part_size="16M")  # small parts, so the demo shows several
     d.add_argument("-d", "--debug", action="store_true")
     return parser
 
@@ -96,10 +96,11 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-d", "--debug", action="store_true", help="log every request")
 
 
-def _add_backup_options(p: argparse.ArgumentParser) -> None:
+def _add_backup_options(p: argparse.ArgumentParser, part_size: str = "1G") -> None:
     p.add_argument("--seed", type=int, default=1, help="generated backup: random seed")
     p.add_argument("--size", default="48M", help="generated backup: total size")
-    p.add_argument("--part-size", default="1G", help="generated backup: size of one part")
+    p.add_argument("--part-size", default=part_size,
+                   help="generated backup: largest part (default %(default)s)")
 
 
 def config_from_args(args: argparse.Namespace, links: Sequence[str]) -> Config:
