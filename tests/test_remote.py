@@ -30,12 +30,21 @@ from zohofs.zoho import parse_link
 NAME = "Attachments_001.zip"
 
 
+TOKENS = StaticToken(TOKEN)
+
+
 def reader_for(emulator: Emulator, ctx: ssl.SSLContext | None = None,
                attempts: int = 3) -> RangeReader:
     transport = Transport(ctx or ssl.create_default_context(), timeout=10)
-    return RangeReader(transport, StaticToken(TOKEN),
-                       HostPolicy(frozenset({f"127.0.0.1:{emulator.port}"})),
+    return RangeReader(transport, HostPolicy(frozenset({f"127.0.0.1:{emulator.port}"})),
                        RetryPolicy(attempts=attempts, base_delay=0.01))
+
+
+def fs_for(emulator: Emulator, url: str, readahead: int, attempts: int = 3) -> ZohoFS:
+    fs = ZohoFS(reader_for(emulator, attempts=attempts), BlockCache(64 * MiB), {"": TOKENS},
+                block_size=MiB, readahead_blocks=readahead)
+    fs.add_files([parse_link(url)])
+    return fs
 
 
 @pytest.fixture
@@ -45,11 +54,11 @@ def url(emulator: Emulator) -> str:
 
 async def test_probe_and_fetch(emulator: Emulator, backup: Backup, url: str) -> None:
     reader = reader_for(emulator)
-    info = await reader.probe(url)
+    info = await reader.probe(url, TOKENS)
     data = backup.files[NAME]
     assert info.size == len(data) and info.ranges and info.etag
-    assert await reader.fetch(url, 1000, 5000, info) == data[1000:6000]
-    assert await reader.fetch(url, len(data) - 7, 7, info) == data[-7:]
+    assert await reader.fetch(url, 1000, 5000, info, TOKENS) == data[1000:6000]
+    assert await reader.fetch(url, len(data) - 7, 7, info, TOKENS) == data[-7:]
     ranges = [r.headers["Range"] for r in emulator.gets(NAME)]
     assert ranges == ["bytes=0-0", "bytes=1000-5999", f"bytes={len(data) - 7}-{len(data) - 1}"]
     sent = emulator.gets(NAME)[-1].headers
@@ -60,20 +69,20 @@ async def test_probe_and_fetch(emulator: Emulator, backup: Backup, url: str) -> 
 async def test_transient_errors_are_retried_with_retry_after(
         emulator: Emulator, backup: Backup, url: str) -> None:
     reader = reader_for(emulator, attempts=4)
-    info = await reader.probe(url)
+    info = await reader.probe(url, TOKENS)
     emulator.add_fault("status", status=429, reason="TOO_MANY", headers={"Retry-After": "0"})
     emulator.add_fault("reset", path=NAME)
     emulator.add_fault("status", status=502, reason="BAD_GATEWAY")
-    assert await reader.fetch(url, 0, MiB, info) == backup.files[NAME][:MiB]
+    assert await reader.fetch(url, 0, MiB, info, TOKENS) == backup.files[NAME][:MiB]
     assert len(emulator.arrived) == 5  # probe, three faults, success
 
 
 async def test_retries_are_bounded(emulator: Emulator, url: str) -> None:
     reader = reader_for(emulator, attempts=3)
-    info = await reader.probe(url)
+    info = await reader.probe(url, TOKENS)
     emulator.add_fault("status", status=500, count=None)
     with pytest.raises(ServerError):
-        await reader.fetch(url, 0, 10, info)
+        await reader.fetch(url, 0, 10, info, TOKENS)
     assert len(emulator.arrived) == 1 + 3
 
 
@@ -82,32 +91,32 @@ async def test_retries_are_bounded(emulator: Emulator, url: str) -> None:
 async def test_untrustworthy_answers_fail_without_retry(
         emulator: Emulator, url: str, kind: str, error: type[Exception]) -> None:
     reader = reader_for(emulator)
-    info = await reader.probe(url)
+    info = await reader.probe(url, TOKENS)
     emulator.add_fault(kind, count=None)
     with pytest.raises(error):
-        await reader.fetch(url, MiB, 4096, info)
+        await reader.fetch(url, MiB, 4096, info, TOKENS)
     assert len(emulator.arrived) == 2
 
 
 async def test_a_server_ignoring_range_is_detected_at_probe(
         emulator: Emulator, backup: Backup, url: str) -> None:
     emulator.add_fault("ignore_range")
-    info = await reader_for(emulator).probe(url)
+    info = await reader_for(emulator).probe(url, TOKENS)
     assert not info.ranges and info.size == len(backup.files[NAME])
 
 
 async def test_a_replaced_file_is_stale(emulator: Emulator, url: str) -> None:
     reader = reader_for(emulator)
-    info = await reader.probe(url)
+    info = await reader.probe(url, TOKENS)
     emulator.replace(url, b"new content")
     with pytest.raises(RemoteChanged):
-        await reader.fetch(url, 0, 4, info)
+        await reader.fetch(url, 0, 4, info, TOKENS)
 
 
 async def test_a_bad_token_is_access_denied(emulator: Emulator, url: str) -> None:
     emulator.tokens = {"another"}
     with pytest.raises(AccessDenied, match="INVALID_OAUTHSCOPE"):
-        await reader_for(emulator).probe(url)
+        await reader_for(emulator).probe(url, TOKENS)
 
 
 @pytest.fixture
@@ -121,19 +130,17 @@ async def test_tls_is_verified(tls_emulator: Emulator, backup: Backup) -> None:
     url = next(tls_emulator.base_url + p for p in tls_emulator.files if p.endswith(NAME))
     assert url.startswith("https://")
     trusted = ssl.create_default_context(cafile=tls_emulator.ca_path)
-    info = await reader_for(tls_emulator, trusted).probe(url)
+    info = await reader_for(tls_emulator, trusted).probe(url, TOKENS)
     assert info.size == len(backup.files[NAME])
     with pytest.raises(TransportError, match="not trusted") as exc:
-        await reader_for(tls_emulator).probe(url)
+        await reader_for(tls_emulator).probe(url, TOKENS)
     assert not exc.value.transient
     assert len(tls_emulator.requests) == 1  # the untrusted server never saw a request
 
 
 async def test_concurrent_reads_of_a_block_cost_one_get(
         emulator: Emulator, backup: Backup, url: str) -> None:
-    fs = ZohoFS(reader_for(emulator), BlockCache(64 * MiB), block_size=MiB,
-                readahead_blocks=0)
-    fs.add_files([parse_link(url)])
+    fs = fs_for(emulator, url, readahead=0)
     await fs.probe_all()
     node = fs.files[0]
     handles = [await fs.open(node.ino, 0) for _ in range(8)]
@@ -154,9 +161,7 @@ async def test_concurrent_reads_of_a_block_cost_one_get(
 
 async def test_sequential_reads_prefetch_ahead(
         emulator: Emulator, backup: Backup, url: str) -> None:
-    fs = ZohoFS(reader_for(emulator), BlockCache(64 * MiB), block_size=MiB,
-                readahead_blocks=2)
-    fs.add_files([parse_link(url)])
+    fs = fs_for(emulator, url, readahead=2)
     await fs.probe_all()
     fh = await fs.open(fs.files[0].ino, 0)
     async with trio.open_nursery() as nursery:
@@ -167,9 +172,7 @@ async def test_sequential_reads_prefetch_ahead(
 
 
 async def test_a_failed_probe_is_retried_on_access(emulator: Emulator, url: str) -> None:
-    fs = ZohoFS(reader_for(emulator, attempts=1), BlockCache(8 * MiB), block_size=MiB,
-                readahead_blocks=0)
-    fs.add_files([parse_link(url)])
+    fs = fs_for(emulator, url, readahead=0, attempts=1)
     fault = emulator.add_fault("status", status=503, count=None)
     await fs.probe_all()
     node = fs.files[0]

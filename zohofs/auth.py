@@ -1,10 +1,27 @@
-"""Where the access token for a request comes from."""
+"""Access tokens: handed over by the user, or obtained with a refresh token from Zoho Accounts.
+
+Zoho issues at most 10 access tokens per refresh token per 10 minutes and locks a client
+out for 15-30 minutes beyond that, so a token is kept for its whole lifetime, renewed
+shortly before it expires or once after an expired-token 401, and never in a loop.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, Protocol
 
-from zohofs.errors import ConfigError
+import httpx
+import trio
+
+from zohofs.errors import ConfigError, SignInError, SignInThrottled, TransportError
+
+log = logging.getLogger(__name__)
+
+SCOPES = "ZohoCRM.bulk.backup.READ,ZohoFiles.files.ALL"
+MAX_ANSWER = 64 * 1024
 
 
 class TokenSource(Protocol):
@@ -42,3 +59,175 @@ class StaticToken:
 def authorization_header(token: str) -> str:
     # Zoho wants its own scheme here, whatever ``token_type`` the token answer names.
     return f"Zoho-oauthtoken {token}"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    client_id: str = field(repr=False)
+    client_secret: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class RefreshLimits:
+    """How hard zohofs may lean on Zoho Accounts (defaults stay well under Zoho's 10/10 min)."""
+
+    max_refreshes: int = 5
+    window: float = 600.0
+    throttle_pause: float = 1200.0  # Zoho's lock-out lasts 15-30 minutes
+    failure_pause: float = 60.0  # a refused refresh token is not asked about again sooner
+    margin: float = 300.0  # renew this long before expiry (less for short-lived tokens)
+
+
+_ERROR_ADVICE = {
+    "invalid_code": "the refresh token is invalid, expired or revoked: make a new one with "
+                    "`zohofs login`",
+    "invalid_client": "Zoho does not know this client id: wrong client id, or wrong data "
+                      "centre (check --dc / dc in the config)",
+    "invalid_client_secret": "wrong client secret for this client id",
+    "invalid_redirect_uri": "the client is not a Self Client: create one in the API console",
+}
+
+
+def describe_token_error(body: dict[str, Any], accounts_host: str) -> SignInError:
+    """A SignInError saying what a token answer's ``error`` means and what to do."""
+    error = str(body.get("error", "unknown error"))
+    description = str(body.get("error_description", ""))
+    if error == "Access Denied" or "too many requests" in description.lower() or (
+            body.get("status") == "failure" and error not in _ERROR_ADVICE):
+        return SignInThrottled(f"Zoho Accounts ({accounts_host}) refused a new access token: "
+                               f"too many requests ({description or error})")
+    advice = _ERROR_ADVICE.get(error, description or "see Zoho's OAuth documentation")
+    return SignInError(f"Zoho Accounts ({accounts_host}) said {error!r}: {advice}")
+
+
+async def post_token_request(client: httpx.AsyncClient, accounts_url: str,
+                             form: dict[str, str]) -> dict[str, Any]:
+    """POST to ``/oauth/v2/token`` and return the JSON answer, checked for errors.
+
+    Zoho answers most failures with HTTP 200 and an ``error`` key, so the body decides.
+    """
+    host = httpx.URL(accounts_url).host
+    try:
+        response = await client.post(f"{accounts_url.rstrip('/')}/oauth/v2/token", data=form)
+    except httpx.HTTPError as exc:
+        raise TransportError(f"cannot reach Zoho Accounts ({host}): "
+                             f"{type(exc).__name__}: {exc}") from None
+    if response.status_code >= 500:
+        raise TransportError(f"Zoho Accounts ({host}) answered HTTP {response.status_code}",
+                             status=response.status_code)
+    try:
+        if len(response.content) > MAX_ANSWER:
+            raise ValueError("oversized")
+        body = response.json()
+        if not isinstance(body, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        raise SignInError(f"Zoho Accounts ({host}) answered HTTP {response.status_code} "
+                          "with something that is not a token answer") from None
+    if "error" in body or ("access_token" not in body and "refresh_token" not in body):
+        raise describe_token_error(body, host)
+    return body
+
+
+def token_lifetime(body: dict[str, Any]) -> float:
+    """Seconds an access token lives. Older servers send ``expires_in_sec`` and then
+    ``expires_in`` in milliseconds."""
+    for key in ("expires_in_sec", "expires_in"):
+        value = body.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return float(value) / 1000 if key == "expires_in" and value > 86400 else float(value)
+    return 3600.0
+
+
+class OAuthTokens:
+    """Access tokens from a refresh token, one refresh in flight, throttle-aware."""
+
+    def __init__(self, client: httpx.AsyncClient, accounts_url: str, credentials: Credentials,
+                 limits: RefreshLimits = RefreshLimits(), name: str = "") -> None:
+        self._client = client
+        self._accounts_url = accounts_url
+        self._host = httpx.URL(accounts_url).host
+        self._credentials = credentials
+        self._limits = limits
+        self._name = name or self._host
+        self._lock = trio.Lock()
+        self._token: str | None = None
+        self._renew_at = -math.inf
+        self._expires_at = -math.inf
+        self._after_rejection = False
+        self._recent: deque[float] = deque()
+        self._paused_until = -math.inf
+        self._pause_error: SignInError | None = None
+        self.api_domain: str | None = None
+        self.refreshes = 0
+
+    def __repr__(self) -> str:
+        return f"OAuthTokens({self._name!r}, <redacted>)"
+
+    async def token(self) -> str:
+        now = trio.current_time()
+        if self._token is not None and now < self._renew_at:
+            return self._token
+        async with self._lock:  # everyone else waits for the one refresh in flight
+            now = trio.current_time()
+            if self._token is None or now >= self._renew_at:
+                await self._refresh(now)
+            assert self._token is not None
+            return self._token
+
+    async def rejected(self, token: str) -> bool:
+        async with self._lock:
+            if token != self._token:
+                return True  # already replaced while the request was out
+            if self._after_rejection:
+                # A token fresh from a refresh was refused too: the cause is not expiry
+                # (scope, permissions), and refreshing again would only burn the budget.
+                return False
+            self._renew_at = -math.inf
+            await self._refresh(trio.current_time(), after_rejection=True)
+            return True
+
+    async def _refresh(self, now: float, after_rejection: bool = False) -> None:
+        if now < self._paused_until:
+            if self._token is not None and now < self._expires_at and not after_rejection:
+                return  # the old token still works; keep using it while we wait
+            assert self._pause_error is not None
+            raise self._pause_error
+        while self._recent and self._recent[0] < now - self._limits.window:
+            self._recent.popleft()
+        if len(self._recent) >= self._limits.max_refreshes:
+            self._pause(now, self._recent[0] + self._limits.window - now, SignInThrottled(
+                f"{self._name}: {len(self._recent)} access tokens in "
+                f"{self._limits.window / 60:.0f} minutes; not asking Zoho for more until the "
+                "window passes (Zoho locks out clients that ask too often)"))
+        self._recent.append(now)
+        form = {"grant_type": "refresh_token", "client_id": self._credentials.client_id,
+                "client_secret": self._credentials.client_secret,
+                "refresh_token": self._credentials.refresh_token}
+        try:
+            body = await post_token_request(self._client, self._accounts_url, form)
+        except SignInThrottled as exc:
+            self._pause(now, self._limits.throttle_pause, exc)
+        except SignInError as exc:
+            self._pause(now, self._limits.failure_pause, exc)
+        token = body.get("access_token")
+        if not isinstance(token, str) or not token or any(c.isspace() for c in token):
+            self._pause(now, self._limits.failure_pause, SignInError(
+                f"{self._name}: Zoho Accounts answered without a usable access token"))
+        lifetime = token_lifetime(body)
+        self._token = token
+        self._expires_at = now + lifetime
+        self._renew_at = now + lifetime - min(self._limits.margin, lifetime / 10)
+        self._after_rejection = after_rejection
+        self.refreshes += 1
+        if isinstance(body.get("api_domain"), str):
+            self.api_domain = body["api_domain"]
+        log.info("%s: new access token, valid for %d s", self._name, lifetime)
+
+    def _pause(self, now: float, seconds: float, error: SignInError) -> NoReturn:
+        """Stop asking Zoho for ``seconds``; callers get ``error`` meanwhile. Raises it."""
+        self._paused_until = now + seconds
+        self._pause_error = error
+        log.error("%s (not retrying for %d s)", error, seconds)
+        raise error

@@ -1,8 +1,9 @@
-"""Command line: ``zohofs mount``, ``zohofs emulator``, ``zohofs demo``."""
+"""Command line: ``zohofs mount | ls | login | emulator | demo``; owns the FUSE lifecycle."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import os
 import re
@@ -11,31 +12,33 @@ import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pyfuse3
 import trio
 
-from zohofs import __version__
-from zohofs.auth import StaticToken, TokenSource
-from zohofs.cache import BlockCache
+from zohofs import __version__, config, login
+from zohofs.auth import Credentials
 from zohofs.config import Config, MiB, access_token, parse_size
-from zohofs.errors import ConfigError
-from zohofs.fs import ZohoFS
-from zohofs.hosts import HostPolicy
+from zohofs.errors import ConfigError, ZohofsError
+from zohofs.hosts import DATA_CENTRES
 from zohofs.logs import setup as setup_logging
 from zohofs.operations import Operations
-from zohofs.remote import RangeReader, RetryPolicy
-from zohofs.transport import Transport
-from zohofs.zoho import BackupFile, dedupe, parse_link, read_links_file
+from zohofs.runtime import fatal_sign_in_errors, open_runtime, read_links
 
 log = logging.getLogger("zohofs")
 
 # How long in-flight requests get to finish after SIGTERM before they are cancelled.
 SHUTDOWN_GRACE = 2.0
-# Sizes are probed before the mount goes live; a host that hangs must not block it forever.
-PROBE_DEADLINE = 30.0
+# Discovery and size probes run before the mount goes live; a host that hangs must not
+# keep it from coming up (what is missing is fetched on access or at the next listing).
+STARTUP_DEADLINE = 30.0
 
+
+# -- arguments -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zohofs", description=(
@@ -45,19 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("mount", help="mount backups (runs in the foreground)")
     m.add_argument("mountpoint")
-    m.add_argument("--link", action="append", default=[], metavar="URL",
-                   help="a backup download link (repeatable)")
-    m.add_argument("--links-file", metavar="FILE", help="links, one a line, # comments")
-    m.add_argument("--access-token-file", metavar="FILE",
-                   help="file holding the access token (else $ZOHO_ACCESS_TOKEN)")
+    _add_source_options(m)
     _add_mount_options(m)
+
+    ls = sub.add_parser("ls", help="list what would be mounted, without mounting")
+    _add_source_options(ls)
+
+    lg = sub.add_parser("login", help="one-time set-up: grant code -> stored refresh token")
+    _add_account_options(lg)
+    lg.add_argument("--code-file", metavar="FILE", help="read the grant code from FILE")
+    lg.add_argument("--output", metavar="FILE", type=Path,
+                    help=f"where to store the refresh token (default {login.default_token_path()})")
+    lg.add_argument("--ca-file", metavar="PEM")
+    lg.add_argument("-d", "--debug", action="store_true")
 
     e = sub.add_parser("emulator", help="run the built-in Zoho emulator")
     e.add_argument("--host", default="127.0.0.1")
     e.add_argument("--port", type=int, default=0)
     e.add_argument("--tls", action="store_true", help="serve https with a self-signed CA")
     e.add_argument("--ca-out", metavar="FILE", help="where to write the CA (with --tls)")
-    e.add_argument("--token", default="emulator-token", help="the access token it accepts")
+    e.add_argument("--token", default="emulator-token",
+                   help="an access token it accepts for downloads, besides issued ones")
     e.add_argument("--data-dir", type=Path,
                    help="serve zips found under v2/crm/<zgid>/backup/<job>/ here")
     _add_backup_options(e)
@@ -70,30 +81,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_mount_options(p: argparse.ArgumentParser) -> None:
+def _add_account_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML config (default $XDG_CONFIG_HOME/zohofs/config.toml, "
+                        "then /etc/zohofs/config.toml)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse secret files readable by group or others")
+    p.add_argument("--dc", choices=sorted(DATA_CENTRES), help="Zoho data centre (default us)")
+    p.add_argument("--accounts-url", metavar="URL", help="override the accounts server")
+    p.add_argument("--client-id-file", metavar="FILE")
+    p.add_argument("--client-secret-file", metavar="FILE")
+
+
+def _add_source_options(p: argparse.ArgumentParser) -> None:
+    _add_account_options(p)
+    p.add_argument("--refresh-token-file", metavar="FILE")
+    p.add_argument("--api-url", metavar="URL", help="override the API server")
+    p.add_argument("--api-version", type=int, metavar="N", help="backup API version (8)")
+    p.add_argument("--listing-interval", type=float, metavar="SECONDS",
+                   help="how often to look for a new backup (600)")
+    p.add_argument("--link", action="append", metavar="URL",
+                   help="a backup download link (repeatable)")
+    p.add_argument("--links-file", metavar="FILE", help="links, one a line, # comments")
+    p.add_argument("--access-token-file", metavar="FILE",
+                   help="access token for --link (else $ZOHO_ACCESS_TOKEN)")
     p.add_argument("--ca-file", metavar="PEM", help="also trust this CA ($SSL_CERT_FILE too)")
-    p.add_argument("--trust-host", action="append", default=[], metavar="HOST[:PORT]",
+    p.add_argument("--trust-host", action="append", metavar="HOST[:PORT]",
                    help="also send the token to this host (repeatable)")
-    p.add_argument("--cache-size", default="256", metavar="MiB",
+    p.add_argument("--connections", type=int, metavar="N", help="parallel GETs per host (4)")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="socket timeout of one HTTP request (30)")
+    p.add_argument("--retries", type=int, metavar="N",
+                   help="attempts per request on transient errors (5)")
+    p.add_argument("--retry-delay", type=float, metavar="SECONDS",
+                   help="first backoff between attempts (0.25)")
+    p.add_argument("-d", "--debug", action="store_true", help="log every request")
+
+
+def _add_mount_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-size", metavar="MiB",
                    help="block cache budget (MiB, or with a unit: 1G); default 256")
-    p.add_argument("--block-size", default=f"{Config.block_size // MiB}M", metavar="SIZE",
-                   help="bytes per ranged GET (1M..64M); default %(default)s")
-    p.add_argument("--readahead", type=int, default=Config.readahead_blocks, metavar="BLOCKS",
-                   help="blocks fetched ahead of a sequential reader; default %(default)s")
-    p.add_argument("--connections", type=int, default=Config.connections, metavar="N",
-                   help="parallel GETs per host; default %(default)s")
-    p.add_argument("--timeout", type=float, default=Config.timeout, metavar="SECONDS",
-                   help="socket timeout of one HTTP request; default %(default)s")
-    p.add_argument("--retries", type=int, default=Config.retries, metavar="N",
-                   help="attempts per request on transient errors; default %(default)s")
-    p.add_argument("--retry-delay", type=float, default=Config.retry_base_delay,
-                   metavar="SECONDS", help="first backoff between attempts; default %(default)s")
-    p.add_argument("--page-cache", action="store_true",
+    p.add_argument("--block-size", metavar="SIZE", help="bytes per ranged GET (1M..64M; 8M)")
+    p.add_argument("--readahead", type=int, metavar="BLOCKS",
+                   help="blocks fetched ahead of a sequential reader (4)")
+    p.add_argument("--page-cache", action="store_true", default=None,
                    help="read through the kernel page cache: mmap works and re-reads are "
                         "fast, but cold reads are slower (the default bypasses it)")
-    p.add_argument("-o", dest="fuse_options", action="append", default=[], metavar="OPT[,OPT]",
+    p.add_argument("-o", dest="fuse_options", action="append", metavar="OPT[,OPT]",
                    help="FUSE mount options, e.g. allow_other")
-    p.add_argument("-d", "--debug", action="store_true", help="log every request")
 
 
 def _add_backup_options(p: argparse.ArgumentParser, part_size: str = "1G") -> None:
@@ -103,38 +138,36 @@ def _add_backup_options(p: argparse.ArgumentParser, part_size: str = "1G") -> No
                    help="generated backup: largest part (default %(default)s)")
 
 
-def config_from_args(args: argparse.Namespace, links: Sequence[str]) -> Config:
-    options = tuple(o for opt in args.fuse_options for o in opt.split(",") if o)
-    return Config(
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Flags > environment > config file > defaults, secrets never from argv."""
+    options = getattr(args, "fuse_options", None)
+    flags: dict[str, Any] = {
+        "dc": args.dc, "accounts_url": args.accounts_url, "api_url": args.api_url,
+        "api_version": args.api_version, "listing_interval": args.listing_interval,
+        "cache_size": getattr(args, "cache_size", None),
+        "block_size": getattr(args, "block_size", None),
+        "readahead": getattr(args, "readahead", None),
+        "page_cache": getattr(args, "page_cache", None),
+        "connections": args.connections, "timeout": args.timeout, "retries": args.retries,
+        "retry_delay": args.retry_delay, "ca_file": args.ca_file,
+        "trust_hosts": args.trust_host,
+        "fuse_options": [o for opt in options for o in opt.split(",") if o] if options else None,
+        "links": args.link, "links_file": args.links_file,
+    }
+    secret_flags = {"client_id": args.client_id_file, "client_secret": args.client_secret_file,
+                    "refresh_token": args.refresh_token_file}
+    settings, accounts = config.build(flags, secret_flags, os.environ, args.config, args.strict)
+    mountpoint = getattr(args, "mountpoint", None)
+    return Config.from_settings(
+        settings, accounts=accounts, debug=args.debug,
+        links=read_links(list(settings.get("links", ())), settings.get("links_file")),
+        access_token=access_token(args.access_token_file, os.environ),
         # Resolved now: once mounted, a stat() of the mount point from the thread that
         # serves it would wait forever for itself.
-        mountpoint=os.path.realpath(args.mountpoint),
-        links=tuple(links),
-        ca_file=args.ca_file,
-        trust_hosts=frozenset(h.lower() for h in args.trust_host),
-        cache_size=parse_size(args.cache_size, default_unit=MiB),
-        block_size=parse_size(args.block_size),
-        readahead_blocks=args.readahead,
-        connections=args.connections,
-        timeout=args.timeout,
-        retries=args.retries,
-        retry_base_delay=args.retry_delay,
-        direct_io=not args.page_cache,
-        debug=args.debug,
-        fuse_options=options,
-    )
+        mountpoint=os.path.realpath(mountpoint) if mountpoint else "")
 
 
-def resolve_files(config: Config) -> list[BackupFile]:
-    policy = HostPolicy(config.trust_hosts)
-    files = []
-    for link in config.links:
-        policy.check_link(link)
-        files.append(parse_link(link))
-    if not files:
-        raise ConfigError("no backup links: give --link URL or --links-file FILE")
-    return dedupe(files)
-
+# -- mount ---------------------------------------------------------------------------------
 
 def _check_mountpoint(path: str) -> None:
     if not os.path.isdir(path):
@@ -154,53 +187,47 @@ def _notify_systemd(state: str) -> None:
         s.sendall(state.encode())
 
 
-async def serve(config: Config, files: Sequence[BackupFile], tokens: TokenSource,
-                on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Mount, serve until unmounted or signalled, and always unmount on the way out."""
-    transport = Transport(config.ssl_context(), config.timeout)
-    reader = RangeReader(transport, tokens, HostPolicy(config.trust_hosts),
-                         RetryPolicy(config.retries, config.retry_base_delay),
-                         config.connections)
-    fs = ZohoFS(reader, BlockCache(config.cache_size), block_size=config.block_size,
-                readahead_blocks=config.readahead_blocks)
-    fs.add_files(files)
-    with trio.move_on_after(PROBE_DEADLINE):
-        await fs.probe_all()
-    mountpoint = config.mountpoint
-    options = set(pyfuse3.default_options) | {"fsname=zohofs", "subtype=zohofs", "ro",
-                                              *config.fuse_options}
-    operations = Operations(fs, direct_io=config.direct_io)
-    try:
-        pyfuse3.init(operations, mountpoint, options)
-    except RuntimeError as exc:
-        transport.close()
-        raise ConfigError(f"cannot mount on {config.mountpoint}: {exc}") from exc
-    log.info("mounted %d files on %s", len(files), config.mountpoint)
-    # Signals are watched from here until the unmount is done: a second SIGTERM (init
-    # systems and `timeout` both send more than one) must not kill us mid-unmount and
-    # leave a dead mount behind. pyfuse3 installs no handlers of its own.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as outer:
-            fuse_scope = trio.CancelScope()
-            outer.start_soon(_stop_on_signal, signals, fuse_scope)
-            try:
-                with fuse_scope:
-                    async with trio.open_nursery() as nursery:
-                        fs.start(nursery)
-                        if not config.direct_io:
-                            nursery.start_soon(_raise_kernel_readahead, operations, mountpoint,
-                                               2 * config.block_size)
-                        _notify_systemd("READY=1")
-                        if on_ready is not None:
-                            nursery.start_soon(on_ready)
-                        await pyfuse3.main()
-                        nursery.cancel_scope.cancel()
-            finally:
-                _notify_systemd("STOPPING=1")
-                pyfuse3.close(unmount=True)
-                transport.close()
-                log.info("unmounted %s", config.mountpoint)
-                outer.cancel_scope.cancel()
+async def serve(config: Config, on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Discover, mount, serve until unmounted or signalled, and always unmount."""
+    async with open_runtime(config) as runtime:
+        with trio.move_on_after(STARTUP_DEADLINE):
+            errors = await runtime.catalog.refresh()
+            fatal = fatal_sign_in_errors(errors)
+            if fatal and len(fatal) == len(runtime.sources) and not config.links:
+                raise ConfigError("; ".join(str(e) for e in fatal))
+        operations = Operations(runtime.fs, direct_io=config.direct_io)
+        options = set(pyfuse3.default_options) | {"fsname=zohofs", "subtype=zohofs", "ro",
+                                                  *config.fuse_options}
+        try:
+            pyfuse3.init(operations, config.mountpoint, options)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot mount on {config.mountpoint}: {exc}") from exc
+        log.info("mounted %d files on %s", len(runtime.fs.files), config.mountpoint)
+        # Signals are watched from here until the unmount is done: a second SIGTERM (init
+        # systems and `timeout` both send more than one) must not kill us mid-unmount and
+        # leave a dead mount behind. pyfuse3 installs no handlers of its own.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as outer:
+                fuse_scope = trio.CancelScope()
+                outer.start_soon(_stop_on_signal, signals, fuse_scope)
+                try:
+                    with fuse_scope:
+                        async with trio.open_nursery() as nursery:
+                            runtime.fs.start(nursery)
+                            nursery.start_soon(runtime.catalog.run)
+                            if not config.direct_io:
+                                nursery.start_soon(_raise_kernel_readahead, operations,
+                                                   config.mountpoint, 2 * config.block_size)
+                            _notify_systemd("READY=1")
+                            if on_ready is not None:
+                                nursery.start_soon(on_ready)
+                            await pyfuse3.main()
+                            nursery.cancel_scope.cancel()
+                finally:
+                    _notify_systemd("STOPPING=1")
+                    pyfuse3.close(unmount=True)
+                    log.info("unmounted %s", config.mountpoint)
+                    outer.cancel_scope.cancel()
 
 
 async def _raise_kernel_readahead(operations: Operations, mountpoint: str, size: int) -> None:
@@ -241,18 +268,81 @@ async def _stop_on_signal(signals: AsyncIterator[int], fuse_scope: trio.CancelSc
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    links = list(args.link)
-    if args.links_file:
-        links += read_links_file(args.links_file)
-    config = config_from_args(args, links)
-    files = resolve_files(config)
-    tokens = StaticToken(access_token(args.access_token_file))
-    _check_mountpoint(config.mountpoint)
-    trio.run(serve, config, files, tokens)
+    cfg = config_from_args(args)
+    _check_mountpoint(cfg.mountpoint)
+    trio.run(serve, cfg)
     return 0
 
 
-def _generated_backup(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+# -- ls ------------------------------------------------------------------------------------
+
+async def list_backups(cfg: Config) -> int:
+    async with open_runtime(cfg) as runtime:
+        errors = await runtime.catalog.refresh()
+        for error in errors:
+            print(f"zohofs: {error}", file=sys.stderr)
+        rows = [("ZGID", "JOB", "FILE", "SIZE", "EXPIRES")]
+        failed = bool(errors)
+        for node in sorted(runtime.fs.files, key=lambda n: n.file.path if n.file else ""):
+            assert node.file is not None
+            if node.info is not None:
+                size = str(node.info.size)
+            else:
+                failed = True
+                size = f"error: {node.error}" if node.error else "?"
+            expires = node.file.expires.isoformat() if node.file.expires else "-"
+            rows.append((node.file.zgid, node.file.job_id, node.file.name, size, expires))
+        if len(rows) == 1:
+            print("no backup files", file=sys.stderr)
+        else:
+            widths = [max(len(r[i]) for r in rows) for i in range(4)]
+            for r in rows:
+                print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[4])
+        return 1 if failed else 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    return trio.run(list_backups, config_from_args(args))
+
+
+# -- login ---------------------------------------------------------------------------------
+
+def cmd_login(args: argparse.Namespace) -> int:
+    _, top, _ = config.read_config_file(args.config, os.environ, args.strict)
+    dc = args.dc or os.environ.get("ZOHOFS_DC") or top.get("dc", "us")
+    accounts_url = (args.accounts_url or os.environ.get("ZOHOFS_ACCOUNTS_URL")
+                    or top.get("accounts_url") or f"https://{DATA_CENTRES[dc].accounts}")
+    print(login.instructions(accounts_url))
+    secret_flags = {"client_id": args.client_id_file, "client_secret": args.client_secret_file}
+    known = config.find_secrets(config.single_account_sources(secret_flags, os.environ, top),
+                                args.strict)
+    client_id = known.get("client_id") or login.ask("Client ID: ", input)
+    client_secret = known.get("client_secret") or login.ask("Client Secret: ", getpass.getpass)
+    if args.code_file:
+        code = config.read_secret_file(args.code_file, "grant code")
+    else:
+        code = login.ask("Grant code: ", input)
+    cfg = Config(ca_file=args.ca_file or top.get("ca_file"))
+
+    async def exchange() -> str:
+        async with httpx.AsyncClient(verify=cfg.ssl_context(), timeout=cfg.timeout) as client:
+            return await login.exchange_code(client, accounts_url, client_id, client_secret,
+                                             code)
+
+    try:
+        refresh_token = trio.run(exchange)
+    except ZohofsError as exc:
+        print(f"zohofs: {exc}", file=sys.stderr)
+        return 1
+    path = args.output or login.default_token_path()
+    login.store_secret(path, refresh_token)
+    print(login.summary(path, client_id))
+    return 0
+
+
+# -- emulator and demo ---------------------------------------------------------------------
+
+def _generated_backup(args: argparse.Namespace) -> Any:
     from zohofs.emulator.backup import generate
 
     return generate(seed=args.seed, size=parse_size(args.size),
@@ -271,6 +361,11 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     print(emulator.base_url, flush=True)
     if emulator.ca_path:
         print(f"ca-file: {emulator.ca_path}", flush=True)
+    for zgid in sorted(emulator.current_job):
+        account = emulator.add_account(zgid)
+        print(f"account: zgid={zgid} client_id={account.client_id} "
+              f"client_secret={account.client_secret} "
+              f"refresh_token={account.refresh_token}", flush=True)
     for link in links:
         print(f"link: {link}", flush=True)
     emulator.start()
@@ -288,19 +383,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     os.makedirs(mountpoint, exist_ok=True)
     _check_mountpoint(mountpoint)
     with tempfile.TemporaryDirectory(prefix="zohofs-demo-") as tmp:
-        token = "demo-" + os.urandom(8).hex()
-        emulator = Emulator(tls=True, tokens={token}, ca_path=os.path.join(tmp, "ca.pem"))
-        links = emulator.add_backup(_generated_backup(args))
-        config = Config(mountpoint=mountpoint, links=tuple(links), ca_file=emulator.ca_path,
-                        trust_hosts=frozenset({f"{emulator.host}:{emulator.port}"}),
-                        debug=args.debug)
+        emulator = Emulator(tls=True, ca_path=os.path.join(tmp, "ca.pem"))
+        backup = _generated_backup(args)
+        emulator.add_backup(backup)
+        account = emulator.add_account(backup.zgid)
+        # The demo signs in and discovers exactly as against Zoho: refresh token, token
+        # endpoint, backup URLs API, then ranged downloads.
+        cfg = Config(
+            mountpoint=mountpoint, ca_file=emulator.ca_path, debug=args.debug,
+            trust_hosts=frozenset({f"{emulator.host}:{emulator.port}"}),
+            accounts=(config.Account("demo", "us", emulator.base_url, emulator.base_url,
+                                     Credentials(account.client_id,
+                                                        account.client_secret,
+                                                        account.refresh_token)),))
 
         async def show_tree() -> None:
             await trio.to_thread.run_sync(_print_tree, mountpoint)
 
         with emulator:
-            print(f"emulator: {emulator.base_url} (TLS, self-signed CA)")
-            trio.run(serve, config, resolve_files(config), StaticToken(token), show_tree)
+            print(f"emulator: {emulator.base_url} (Zoho's accounts, API and download hosts; "
+                  "TLS with a throw-away CA)")
+            trio.run(serve, cfg, show_tree)
     return 0
 
 
@@ -313,8 +416,9 @@ def _print_tree(root: str) -> None:
         if dirpath != root:
             print("    " * (depth - 1) + os.path.basename(dirpath) + "/")
         for name in sorted(filenames):
-            size = os.stat(os.path.join(dirpath, name)).st_size
-            print("    " * depth + f"{name}  ({size / MiB:.1f} MiB)")
+            st = os.stat(os.path.join(dirpath, name))
+            when = datetime.fromtimestamp(st.st_mtime).strftime("%Y-%m-%d %H:%M")
+            print("    " * depth + f"{name}  {st.st_size / MiB:.1f} MiB  {when}")
     print(f"\nTry: ls -l {root}/*/*  or  unzip -l {root}/*/*/Data_001.zip")
     print("Press Ctrl-C to unmount and stop.", flush=True)
 
@@ -322,7 +426,8 @@ def _print_tree(root: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "debug", False))
-    commands = {"mount": cmd_mount, "emulator": cmd_emulator, "demo": cmd_demo}
+    commands = {"mount": cmd_mount, "ls": cmd_ls, "login": cmd_login,
+                "emulator": cmd_emulator, "demo": cmd_demo}
     try:
         return commands[args.command](args)
     except ConfigError as exc:

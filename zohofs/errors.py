@@ -7,6 +7,9 @@ Exception tree (each class carries its errno and the log level it deserves)::
     ├── ReadOnly                     EROFS   any write, create, truncate
     ├── NoSuchEntry                  ENOENT  a name that is not in the tree
     ├── NoAttribute                  ENODATA a missing xattr
+    ├── SignInError                  EACCES  Zoho Accounts refused the refresh token or client
+    │   └── SignInThrottled          EAGAIN  too many token refreshes: waiting it out
+    ├── DiscoveryError               EIO     the backup URLs API failed or answered nonsense
     └── RemoteError                  EIO     anything the download host did wrong
         ├── AccessDenied             EACCES  401 / 403
         │   └── LinkExpired          EACCES  the link is past its expiry date
@@ -48,6 +51,22 @@ class NoSuchEntry(ZohofsError):
 class NoAttribute(ZohofsError):
     errno = _errno.ENODATA
     log_level = logging.DEBUG
+
+
+class SignInError(ZohofsError):
+    """Zoho Accounts would not give us an access token; the message says what to do."""
+
+    errno = _errno.EACCES
+    log_level = logging.ERROR
+
+
+class SignInThrottled(SignInError):
+    errno = _errno.EAGAIN
+    log_level = logging.WARNING
+
+
+class DiscoveryError(ZohofsError):
+    """The backup URLs API failed, or answered something we refuse to trust."""
 
 
 class RemoteError(ZohofsError):

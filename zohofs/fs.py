@@ -10,14 +10,22 @@ import hashlib
 import logging
 import os
 import stat
-from collections.abc import Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import trio
 
+from zohofs.auth import TokenSource
 from zohofs.cache import BlockCache
-from zohofs.errors import NoSuchEntry, ReadOnly, RemoteChanged, ZohofsError
+from zohofs.errors import (
+    AccessDenied,
+    LinkExpired,
+    NoSuchEntry,
+    ReadOnly,
+    RemoteChanged,
+    ZohofsError,
+)
 from zohofs.logs import redact_url
 from zohofs.readahead import Readahead
 from zohofs.remote import RangeReader, RemoteInfo
@@ -70,6 +78,7 @@ class Node:
 @dataclass(eq=False)
 class OpenFile:
     node: Node
+    file: BackupFile  # as it was at open: a later listing may bring a new link
     info: RemoteInfo
     readahead: Readahead
 
@@ -88,36 +97,76 @@ def stable_inode(path: str, taken: Iterable[int]) -> int:
 
 
 class ZohoFS:
-    def __init__(self, reader: RangeReader, cache: BlockCache, *, block_size: int,
+    def __init__(self, reader: RangeReader, cache: BlockCache,
+                 tokens: Mapping[str, TokenSource], *, block_size: int,
                  readahead_blocks: int, uid: int | None = None, gid: int | None = None) -> None:
         self._reader = reader
         self._cache = cache
+        self._tokens = tokens
+        # Called with a name a lookup did not find; True if it refreshed the listing.
+        self.on_miss: Callable[[str], Awaitable[bool]] | None = None
         self.block_size = block_size
         # Prefetched blocks must fit in the cache next to the ones being read.
         self._max_window = max(0, min(readahead_blocks, cache.capacity // block_size // 2))
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
         self._nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, "", ROOT_INODE)}
+        # Every node ever created, by path: one that comes back keeps its inode number.
+        self._by_path: dict[str, Node] = {}
         self._open: dict[int, OpenFile] = {}
         self._next_fh = 1
         self._nursery: trio.Nursery | None = None
 
     # -- building the tree -------------------------------------------------------------
 
-    def add_files(self, files: Iterable[BackupFile]) -> None:
+    def add_files(self, files: Iterable[BackupFile]) -> list[Node]:
+        """Put files into the tree (updating the link of those already there)."""
+        added = []
         for f in files:
             parent = self._nodes[ROOT_INODE]
             for part in (f.zgid, f.job_id):
                 parent = self._child(parent, part, None)
-            self._child(parent, f.name, f)
+            known = parent.children.get(f.name)
+            node = self._child(parent, f.name, f)
+            if known is None:
+                added.append(node)
+            elif node.file != f:
+                node.file = f  # a fresh link (or expiry) for the same file
+        return added
+
+    async def set_files(self, files: Iterable[BackupFile]) -> None:
+        """Make the tree show exactly ``files``; probe the new ones.
+
+        Entries that left the listing leave the tree, but their inodes stay valid, so open
+        files keep reading while their link lasts.
+        """
+        files = list(files)
+        wanted = {f.path for f in files}
+        for node in self.files:
+            if node.file is not None and node.file.path not in wanted:
+                self._detach(node)
+        added = self.add_files(files)
+        async with trio.open_nursery() as nursery:
+            for node in added:
+                nursery.start_soon(self._probe_quietly, node)
+
+    def _detach(self, node: Node) -> None:
+        parent = self._nodes[node.parent]
+        if parent.children.get(node.name) == node.ino:
+            del parent.children[node.name]
+            if not parent.children and parent.ino != ROOT_INODE:
+                self._detach(parent)
 
     def _child(self, parent: Node, name: str, file: BackupFile | None) -> Node:
         ino = parent.children.get(name)
         if ino is not None:
             return self._nodes[ino]
         path = file.path if file else self._path(parent, name)
-        node = Node(stable_inode(path, self._nodes), name, parent.ino, file)
-        self._nodes[node.ino] = node
+        node = self._by_path.get(path)
+        if node is None:
+            node = Node(stable_inode(path, self._nodes), name, parent.ino, file)
+            self._nodes[node.ino] = node
+            self._by_path[path] = node
         parent.children[name] = node.ino
         return node
 
@@ -130,7 +179,16 @@ class ZohoFS:
 
     @property
     def files(self) -> list[Node]:
-        return [n for n in self._nodes.values() if not n.is_dir]
+        """The files in the tree now (not those that left it)."""
+        return [n for n in self._nodes.values() if not n.is_dir and self._attached(n)]
+
+    def _attached(self, node: Node) -> bool:
+        while node.ino != ROOT_INODE:
+            parent = self._nodes[node.parent]
+            if parent.children.get(node.name) != node.ino:
+                return False
+            node = parent
+        return True
 
     async def probe_all(self) -> None:
         """Probe every file's size at once; failures are kept and retried on access."""
@@ -150,7 +208,9 @@ class ZohoFS:
             if node.info is not None:
                 return node.info
             try:
-                node.info = await self._reader.probe(node.file.url)
+                check_expiry(node.file)
+                node.info = await self._reader.probe(node.file.url,
+                                                     self._tokens[node.file.account])
             except ZohofsError as exc:
                 node.error = exc
                 raise
@@ -204,6 +264,8 @@ class ZohoFS:
         if name == "..":
             return await self.getattr(node.parent)
         ino = node.children.get(name)
+        if ino is None and self.on_miss is not None and await self.on_miss(name):
+            ino = node.children.get(name)  # a new backup may have just appeared
         if ino is None:
             raise NoSuchEntry(f"{name!r} not found")
         return await self.getattr(ino)
@@ -236,9 +298,12 @@ class ZohoFS:
         if node.is_dir:
             raise NoSuchEntry("is a directory")
         info = await self._probe(node)
+        assert node.file is not None
+        check_expiry(node.file)
         fh = self._next_fh
         self._next_fh += 1
-        self._open[fh] = OpenFile(node, info, Readahead(self._max_window, self.block_size))
+        self._open[fh] = OpenFile(node, node.file, info,
+                                  Readahead(self._max_window, self.block_size))
         return fh
 
     def release(self, fh: int) -> None:
@@ -270,13 +335,18 @@ class ZohoFS:
         return (handle.node.ino, handle.info.etag, handle.info.last_modified, index)
 
     async def _block(self, handle: OpenFile, index: int) -> bytes:
-        assert handle.node.file is not None
         start = index * self.block_size
         length = min(self.block_size, handle.info.size - start)
+        file = handle.file
 
         async def fetch() -> bytes:
-            assert handle.node.file is not None
-            return await self._reader.fetch(handle.node.file.url, start, length, handle.info)
+            check_expiry(file)
+            try:
+                return await self._reader.fetch(file.url, start, length, handle.info,
+                                                self._tokens[file.account])
+            except AccessDenied as exc:
+                check_expiry(file)  # the link may have expired while the request was out
+                raise exc
 
         try:
             return await self._cache.get(self._key(handle, index), fetch)
@@ -300,3 +370,11 @@ class ZohoFS:
         except Exception:
             # Runs in the mount's top-level nursery: an escape here would end the mount.
             log.exception("unexpected error in prefetch of block %d", index)
+
+
+def check_expiry(file: BackupFile) -> None:
+    """Fail with EACCES once the link is past the expiry date the listing gave."""
+    if file.expires is not None and datetime.now(UTC) >= file.expires:
+        raise LinkExpired(f"{file.path}: the download link expired on "
+                          f"{file.expires.isoformat()}; Zoho offers a backup's links for 7 "
+                          "days only")

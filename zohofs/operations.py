@@ -12,11 +12,12 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from zohofs.errors import NoAttribute, ReadOnly, ZohofsError
+from zohofs.errors import NoAttribute, NoSuchEntry, ReadOnly, ZohofsError
 from zohofs.fs import Attr, ZohoFS
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
+NEGATIVE_TIMEOUT = 10.0
 R = TypeVar("R")
 
 
@@ -77,7 +78,15 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
-        return entry(await self.fs.lookup(parent_inode, os.fsdecode(name)))
+        try:
+            return entry(await self.fs.lookup(parent_inode, os.fsdecode(name)))
+        except NoSuchEntry:
+            # A negative entry the kernel may keep for a while: file managers ask for the
+            # same absent names (.hidden, desktop.ini) in every folder, again and again.
+            missing = pyfuse3.EntryAttributes()
+            missing.st_ino = 0
+            missing.entry_timeout = NEGATIVE_TIMEOUT
+            return missing
 
     @handler
     async def getattr(self, inode: int, ctx: Any) -> pyfuse3.EntryAttributes:

@@ -115,10 +115,9 @@ class _Wait(tenacity.wait.wait_base):
 class RangeReader:
     """Probe and read byte ranges of download links."""
 
-    def __init__(self, transport: Transport, tokens: TokenSource, policy: HostPolicy,
+    def __init__(self, transport: Transport, policy: HostPolicy,
                  retry: RetryPolicy = RetryPolicy(), connections_per_host: int = 4) -> None:
         self._transport = transport
-        self._tokens = tokens
         self._policy = policy
         self._retry = retry
         self._connections = connections_per_host
@@ -130,15 +129,16 @@ class RangeReader:
             self._limiters[key] = trio.CapacityLimiter(self._connections)
         return self._limiters[key]
 
-    async def probe(self, url: str) -> RemoteInfo:
+    async def probe(self, url: str, tokens: TokenSource) -> RemoteInfo:
         """Size and validators of the file behind ``url``.
 
         ``Range: bytes=0-0`` rather than HEAD: it works whether or not the server knows
         HEAD, and tells in one go whether it honours Range at all.
         """
-        return await self._with_retries(url, {"Range": "bytes=0-0"}, _read_probe)
+        return await self._with_retries(url, {"Range": "bytes=0-0"}, tokens, _read_probe)
 
-    async def fetch(self, url: str, start: int, length: int, info: RemoteInfo) -> bytes:
+    async def fetch(self, url: str, start: int, length: int, info: RemoteInfo,
+                    tokens: TokenSource) -> bytes:
         """Exactly the bytes ``[start, start+length)`` of the file ``info`` describes."""
         if length <= 0 or start < 0 or start + length > info.size:
             raise BadAnswer(f"range {start}+{length} outside a file of {info.size} bytes")
@@ -154,9 +154,9 @@ class RangeReader:
         def read(response: http.client.HTTPResponse, url: str) -> bytes:
             return _read_range(response, url, start, length, info)
 
-        return await self._with_retries(url, headers, read)
+        return await self._with_retries(url, headers, tokens, read)
 
-    async def _with_retries(self, url: str, headers: dict[str, str],
+    async def _with_retries(self, url: str, headers: dict[str, str], tokens: TokenSource,
                             read: Callable[[http.client.HTTPResponse, str], T]) -> T:
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(self._retry.attempts),
@@ -170,18 +170,18 @@ class RangeReader:
         )
         async for attempt in retrying:
             with attempt:
-                return await self._authorised_get(url, headers, read)
+                return await self._authorised_get(url, headers, tokens, read)
         raise AssertionError("unreachable")
 
-    async def _authorised_get(self, url: str, headers: dict[str, str],
+    async def _authorised_get(self, url: str, headers: dict[str, str], tokens: TokenSource,
                               read: Callable[[http.client.HTTPResponse, str], T]) -> T:
-        token = await self._tokens.token()
+        token = await tokens.token()
         try:
             return await self._get(url, headers, token, read)
         except AccessDenied as exc:
             # An access token that expired under us is renewed once, then tried again.
-            if exc.status == 401 and await self._tokens.rejected(token):
-                return await self._get(url, headers, await self._tokens.token(), read)
+            if exc.status == 401 and await tokens.rejected(token):
+                return await self._get(url, headers, await tokens.token(), read)
             raise
 
     async def _get(self, url: str, headers: dict[str, str], token: str,

@@ -1,13 +1,22 @@
-"""What a backup is made of: files named by Zoho's download links."""
+"""What a backup is made of, and how to find it: Zoho's backup URLs API."""
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from zohofs.errors import ConfigError
+import httpx
+
+from zohofs.auth import TokenSource, authorization_header
+from zohofs.errors import ConfigError, DiscoveryError, SignInError
+from zohofs.hosts import DATA_CENTRES, HostPolicy
+
+log = logging.getLogger(__name__)
+MAX_LISTING = 1 << 20  # a URL list is a few KiB; anything near this is not one
 
 # https://download-accl.zoho.com/v2/crm/<zgid>/backup/<job-id>/<Name>_<NNN>.zip
 _LINK_PATH = re.compile(r"^/v2/crm/(?P<zgid>[0-9]+)/backup/(?P<job>[0-9]+)/(?P<name>[^/]+)$")
@@ -23,13 +32,14 @@ class BackupFile:
     name: str
     url: str
     expires: datetime | None = None
+    account: str = ""  # which account's token reads it ("" for explicit links)
 
     @property
     def path(self) -> str:
         return f"{self.zgid}/{self.job_id}/{self.name}"
 
 
-def parse_link(url: str, expires: datetime | None = None) -> BackupFile:
+def parse_link(url: str, expires: datetime | None = None, account: str = "") -> BackupFile:
     """A BackupFile from a download link, refusing anything that is not Zoho's shape.
 
     The path becomes part of the mounted tree, so hostile names (``..``, ``/``, NUL)
@@ -45,7 +55,7 @@ def parse_link(url: str, expires: datetime | None = None) -> BackupFile:
     if not _FILE_NAME.match(name):
         raise ConfigError(f"refusing backup file name {name!r} in {url!r}: "
                           "not of the form <Name>_<NNN>.zip")
-    return BackupFile(match["zgid"], match["job"], name, url.strip(), expires)
+    return BackupFile(match["zgid"], match["job"], name, url.strip(), expires, account)
 
 
 def read_links_file(path: str) -> list[str]:
@@ -64,3 +74,113 @@ def dedupe(files: list[BackupFile]) -> list[BackupFile]:
     for f in files:
         seen.setdefault(f.path, f)
     return list(seen.values())
+
+
+# What the backup URLs API's error codes mean for the user.
+_API_ERRORS = {
+    "OAUTH_SCOPE_MISMATCH": "the refresh token lacks the scope ZohoCRM.bulk.backup.READ: "
+                            "make a new one with `zohofs login`",
+    "NO_PERMISSION": "this user may not read backups: only CRM administrators can",
+    "INVALID_TOKEN": "Zoho refused the access token even after a refresh",
+}
+
+
+def trusted_api_url(api_domain: str | None, fallback: str) -> str:
+    """The ``api_domain`` of a token answer if it names a Zoho API host, else ``fallback``.
+
+    The token is sent there, so a hostile or broken answer must not choose any host."""
+    if not api_domain:
+        return fallback
+    try:
+        url = httpx.URL(api_domain)
+    except (httpx.InvalidURL, TypeError):
+        url = None
+    if url is not None and url.scheme == "https" and url.host in {
+            dc.api for dc in DATA_CENTRES.values()} and url.path in ("", "/"):
+        return f"https://{url.host}"
+    log.warning("ignoring api_domain %r from the token answer: not a Zoho API host",
+                api_domain)
+    return fallback
+
+
+def _error_code(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        return str(body.get("code", "")) if isinstance(body, dict) else ""
+    except ValueError:
+        return ""
+
+
+async def list_backup(client: httpx.AsyncClient, api_url: str, version: int,
+                      tokens: TokenSource, downloads: HostPolicy,
+                      account: str = "") -> list[BackupFile]:
+    """The files of the org's current backup, from ``/crm/bulk/v{version}/backup/urls``.
+
+    An empty list means Zoho has no backup to download (HTTP 204). Links that are not on
+    a download host we trust, or not of Zoho's shape, are refused one by one.
+    """
+    url = f"{api_url}/crm/bulk/v{version}/backup/urls"
+    for attempt in range(2):
+        token = await tokens.token()
+        try:
+            response = await client.get(url, headers={
+                "Authorization": authorization_header(token), "Accept": "application/json"})
+        except httpx.HTTPError as exc:
+            raise DiscoveryError(f"cannot reach {httpx.URL(url).host}: "
+                                 f"{type(exc).__name__}: {exc}") from None
+        code = _error_code(response) if response.status_code >= 400 else ""
+        if response.status_code == 401 and code == "INVALID_TOKEN" and attempt == 0 \
+                and await tokens.rejected(token):
+            continue
+        break
+    if response.status_code == 204:
+        return []
+    if response.status_code in (401, 403):
+        raise SignInError(f"backup URLs API: {code or response.status_code}: "
+                          f"{_API_ERRORS.get(code, 'access refused')}")
+    if response.status_code == 404:
+        raise DiscoveryError(f"backup URLs API not found at {url} ({code or 'HTTP 404'}): "
+                             "check api_url and api_version")
+    if response.status_code != 200:
+        raise DiscoveryError(f"backup URLs API answered HTTP {response.status_code} "
+                             f"{code}".rstrip())
+    return parse_listing(response.content, downloads, account)
+
+
+def parse_listing(content: bytes, downloads: HostPolicy, account: str = "") -> list[BackupFile]:
+    """BackupFiles from the body of a backup URLs answer, refusing what is not Zoho's."""
+    if len(content) > MAX_LISTING:
+        raise DiscoveryError(f"backup URLs answer of {len(content)} bytes refused "
+                             "(not a URL list)")
+    try:
+        body: Any = httpx.Response(200, content=content).json()
+    except ValueError:
+        raise DiscoveryError("backup URLs answer is not JSON") from None
+    urls = body.get("urls") if isinstance(body, dict) else None
+    if not isinstance(urls, dict):
+        raise DiscoveryError("backup URLs answer has no 'urls' object")
+    expires = None
+    if urls.get("expiry_date") is not None:
+        try:
+            expires = datetime.fromisoformat(str(urls["expiry_date"]))
+        except ValueError:
+            raise DiscoveryError(
+                f"backup URLs answer has a bad expiry_date {urls['expiry_date']!r}") from None
+        if expires.tzinfo is None:
+            raise DiscoveryError("backup URLs answer has an expiry_date without a time zone")
+    links: list[Any] = []
+    for key in ("data_links", "attachment_links"):
+        value = urls.get(key) or []
+        if not isinstance(value, list):
+            raise DiscoveryError(f"backup URLs answer: {key} is not a list")
+        links += value
+    files = []
+    for link in links:
+        try:
+            if not isinstance(link, str):
+                raise ConfigError(f"not a string: {link!r}")
+            downloads.check_link(link)
+            files.append(parse_link(link, expires, account))
+        except ConfigError as exc:
+            log.warning("refusing a link from the backup URLs API: %s", exc)
+    return dedupe(files)

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import json
 import logging
 import mmap
 import os
 import re
+import secrets
 import socket
 import ssl
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 from zohofs.emulator.backup import Backup
 
@@ -27,6 +31,7 @@ log = logging.getLogger(__name__)
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _FILE_PATH = re.compile(r"^/v2/crm/(\d+)/backup/(\d+)/([^/]+)$")
+_API_PATH = re.compile(r"^/crm/bulk/v\d+/backup(/urls|/history|)$")
 # The emulated backups "completed" at this time; links expire 7 days later.
 DEFAULT_LAST_MODIFIED = 1795230900.0  # 2026-11-21T03:15:00Z
 
@@ -58,6 +63,17 @@ class Fault:
     count: int | None = 1
 
 
+@dataclass
+class EmulatedAccount:
+    """A Zoho org with one self-client and its refresh token."""
+
+    client_id: str
+    client_secret: str
+    refresh_token: str
+    zgid: str
+    refreshes: list[float] = field(default_factory=list)  # monotonic times, for the throttle
+
+
 @dataclass(frozen=True)
 class Request:
     method: str
@@ -75,6 +91,20 @@ class Emulator:
         self.files: dict[str, ServedFile] = {}
         self.requests: list[Request] = []
         self.arrived: list[str] = []  # paths as requests arrive, before any answer
+        # Accounts host: refresh tokens -> accounts, one-time grant codes -> refresh tokens.
+        self.accounts: dict[str, EmulatedAccount] = {}
+        self.grant_codes: dict[str, str] = {}
+        self.access_tokens: dict[str, tuple[str, float]] = {}  # token -> (zgid, expires)
+        self.issued: list[str] = []  # every access token handed out, in order
+        self.token_lifetime = 3600
+        self.throttle_limit = 10  # refreshes per refresh token per window, as Zoho
+        self.throttle_window = 600.0
+        self.legacy_expiry = False  # answer expires_in_sec + expires_in in milliseconds
+        # API host: the current job per org; orgs with no backup answer 204.
+        self.current_job: dict[str, str] = {}
+        self.no_backup: set[str] = set()
+        self.listing_override: tuple[int, bytes] | None = None  # a scripted raw answer
+        self.links_expire = datetime.now(UTC).replace(microsecond=0) + timedelta(days=6)
         self.faults: list[Fault] = []
         self._lock = threading.Lock()
         self._server = _Server((host, port), _Handler)
@@ -112,8 +142,41 @@ class Emulator:
         return self.base_url + path
 
     def add_backup(self, backup: Backup) -> list[str]:
+        """Serve a backup's files; it becomes its org's current backup."""
+        self.current_job[backup.zgid] = backup.job_id
         return [self.add_file(backup.zgid, backup.job_id, name, data)
                 for name, data in sorted(backup.files.items())]
+
+    def add_account(self, zgid: str, client_id: str | None = None,
+                    client_secret: str | None = None,
+                    refresh_token: str | None = None) -> EmulatedAccount:
+        account = EmulatedAccount(
+            client_id or f"1000.{secrets.token_hex(12).upper()}",
+            client_secret or secrets.token_hex(20),
+            refresh_token or f"1000.{secrets.token_hex(16)}.{secrets.token_hex(16)}", zgid)
+        self.accounts[account.refresh_token] = account
+        return account
+
+    def add_grant_code(self, account: EmulatedAccount) -> str:
+        code = f"1000.{secrets.token_hex(16)}.{secrets.token_hex(16)}"
+        self.grant_codes[code] = account.refresh_token
+        return code
+
+    def expire_access_tokens(self) -> None:
+        """Every access token handed out so far stops working (as after an hour)."""
+        for token, (zgid, _) in list(self.access_tokens.items()):
+            self.access_tokens[token] = (zgid, 0.0)
+
+    def listing(self, zgid: str) -> dict[str, object]:
+        job = self.current_job[zgid]
+        prefix = f"/v2/crm/{zgid}/backup/{job}/"
+        names = sorted(p[len(prefix):] for p in self.files if p.startswith(prefix))
+        offset = timezone(timedelta(hours=5, minutes=30))  # Zoho's samples use IST
+        return {"urls": {
+            "data_links": [self.base_url + prefix + n for n in names if n.startswith("Data_")],
+            "attachment_links": [self.base_url + prefix + n for n in names
+                                 if n.startswith("Attachments_")],
+            "expiry_date": self.links_expire.astimezone(offset).isoformat()}}
 
     def add_data_dir(self, root: Path) -> list[str]:
         """Serve every file under ``root/v2/crm/<zgid>/backup/<job>/``."""
@@ -221,10 +284,83 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _json(self, status: int, body: object, reason: str | None = None) -> None:
+        data = json.dumps(body).encode()
+        self._record(status)
+        self.send_response(status, reason)
+        self.send_header("Content-Type", "application/json;charset=UTF-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def _not_get(self) -> None:
         self._error(400, "INVALID_REQUEST_METHOD")
 
-    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_get
+    do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_get
+
+    def do_POST(self) -> None:
+        emu = self.server.emulator
+        emu.arrived.append(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        form = {k: v[0] for k, v in parse_qs(self.rfile.read(length).decode()).items()}
+        fault = emu._take_fault(self.path)
+        if fault and fault.kind == "status":
+            return self._error(fault.status, fault.reason, fault.headers)
+        if self.path.split("?", 1)[0] != "/oauth/v2/token":
+            return self._error(400, "INVALID_REQUEST_METHOD")
+        self._token_endpoint(emu, form)
+
+    def _token_endpoint(self, emu: Emulator, form: dict[str, str]) -> None:
+        # Zoho answers most failures with HTTP 200 and an "error" key.
+        grant = form.get("grant_type")
+        if grant == "authorization_code":
+            refresh = emu.grant_codes.pop(form.get("code", ""), None)
+        elif grant == "refresh_token":
+            refresh = form.get("refresh_token")
+        else:
+            return self._json(200, {"error": "unsupported_grant_type"})
+        account = emu.accounts.get(refresh or "")
+        if account is None:
+            return self._json(200, {"error": "invalid_code"})
+        if form.get("client_id") != account.client_id:
+            return self._json(200, {"error": "invalid_client"})
+        if form.get("client_secret") != account.client_secret:
+            return self._json(200, {"error": "invalid_client_secret"})
+        now = time.monotonic()
+        with emu._lock:
+            account.refreshes[:] = [t for t in account.refreshes
+                                    if t > now - emu.throttle_window]
+            if grant == "refresh_token" and len(account.refreshes) >= emu.throttle_limit:
+                return self._json(400, {
+                    "error": "Access Denied", "status": "failure",
+                    "error_description": "You have made too many requests continuously. "
+                                         "Please try again after some time."})
+            if grant == "refresh_token":
+                account.refreshes.append(now)
+            token = f"1000.{secrets.token_hex(16)}.{secrets.token_hex(16)}"
+            emu.access_tokens[token] = (account.zgid, now + emu.token_lifetime)
+            emu.issued.append(token)
+        body: dict[str, object] = {"access_token": token, "api_domain": emu.base_url,
+                                   "token_type": "Bearer", "expires_in": emu.token_lifetime}
+        if emu.legacy_expiry:
+            body.update(expires_in_sec=emu.token_lifetime,
+                        expires_in=emu.token_lifetime * 1000)
+        if grant == "authorization_code":
+            body["refresh_token"] = account.refresh_token
+        self._json(200, body)
+
+    def _token_zgid(self) -> tuple[str | None, bool]:
+        """(org of the presented access token, whether it expired)."""
+        emu = self.server.emulator
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        if scheme != "Zoho-oauthtoken":
+            return None, False
+        if token in emu.tokens:
+            return "*", False
+        zgid, expires = emu.access_tokens.get(token, (None, 0.0))
+        if zgid is None:
+            return None, False
+        return (zgid, False) if time.monotonic() < expires else (None, True)
 
     def do_GET(self) -> None:
         emu = self.server.emulator
@@ -234,14 +370,53 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(fault.status, fault.reason, fault.headers)
         if fault and fault.kind == "delay":
             time.sleep(fault.seconds)
-        served = emu.files.get(self.path.split("?", 1)[0])
+        path = self.path.split("?", 1)[0]
+        api = _API_PATH.match(path)
+        if api:
+            return self._api(emu, api[1])
+        served = emu.files.get(path)
         if served is None:
             return self._error(401, "URL_RULE_NOT_CONFIGURED")
-        auth = self.headers.get("Authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme != "Zoho-oauthtoken" or token not in emu.tokens:
+        zgid, expired = self._token_zgid()
+        if expired:
+            return self._error(401, "INVALID_OAUTHSCOPE", {
+                "WWW-Authenticate": 'Zoho-oauthtoken error="expired_token"'})
+        if zgid is None or zgid not in ("*", path.split("/")[3]):
             return self._error(401, "INVALID_OAUTHSCOPE")
+        if datetime.now(UTC) >= emu.links_expire:
+            return self._error(403, "FORBIDDEN")
         self._send_file(served, fault)
+
+    def _api(self, emu: Emulator, what: str) -> None:
+        zgid, _ = self._token_zgid()
+        if zgid is None or zgid == "*":
+            return self._json(401, {"code": "INVALID_TOKEN", "details": {},
+                                    "message": "invalid oauth token", "status": "error"})
+        if what == "/urls":
+            if emu.listing_override is not None:
+                status, raw = emu.listing_override
+                self._record(status)
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+                return None
+            if zgid in emu.no_backup or zgid not in emu.current_job:
+                self._record(204)
+                self.send_response(204)
+                self.end_headers()
+                return None
+            return self._json(200, emu.listing(zgid))
+        job = emu.current_job.get(zgid, "0")
+        if what == "/history":
+            return self._json(200, {"history": [{"id": job, "log_time": "2026-11-21T08:45:00+05:30",
+                                                 "state": "COMPLETED", "repeat_type": "weekly"}],
+                                    "info": {"per_page": 200, "count": 1, "page": 1,
+                                             "more_records": False}})
+        return self._json(200, {"backup": {"id": job, "status": "COMPLETED",
+                                           "start_date": "2026-11-21T08:30:00+05:30",
+                                           "rrule": "FREQ=WEEKLY;INTERVAL=1;BYDAY=SA"}})
 
     def _send_file(self, served: ServedFile, fault: Fault | None) -> None:
         size = len(served.data)

@@ -1,0 +1,107 @@
+"""Keeps the tree in step with Zoho: lists every account's backup now and then, and on
+demand when someone looks for a name that is not there yet."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+import trio
+
+from zohofs.auth import OAuthTokens
+from zohofs.config import Account
+from zohofs.errors import ZohofsError
+from zohofs.fs import ZohoFS
+from zohofs.hosts import DATA_CENTRES, HostPolicy
+from zohofs.zoho import BackupFile, list_backup, trusted_api_url
+
+log = logging.getLogger(__name__)
+
+# Names worth a listing call when they are missing: org and job ids are digits, files are
+# Zoho's parts. File managers probe `.hidden`, `desktop.ini` and such in every folder.
+_MAY_APPEAR = re.compile(r"^(\d+|[A-Za-z][A-Za-z0-9]*_\d{3,}\.zip)$")
+
+
+@dataclass
+class AccountSource:
+    account: Account
+    tokens: OAuthTokens
+    files: list[BackupFile] | None = None  # the last listing that succeeded
+
+
+class Catalog:
+    def __init__(self, fs: ZohoFS, client: httpx.AsyncClient, sources: Sequence[AccountSource],
+                 static: Sequence[BackupFile], *, api_version: int, interval: float,
+                 trusted: frozenset[str], on_demand_every: float = 60.0) -> None:
+        self._fs = fs
+        self._client = client
+        self._sources = list(sources)
+        self._static = list(static)
+        self._api_version = api_version
+        self._interval = interval
+        self._trusted = trusted
+        self._on_demand_every = on_demand_every
+        self._lock = trio.Lock()
+        self._last = -math.inf
+        self.listings = 0
+
+    async def refresh(self) -> list[ZohofsError]:
+        """List every account once (in parallel) and update the tree; returns the failures.
+
+        An account whose listing fails keeps its previous files: a network hiccup must
+        not make a backup vanish from under a running copy.
+        """
+        async with self._lock:
+            self._last = trio.current_time()
+            errors: list[ZohofsError] = []
+            async with trio.open_nursery() as nursery:
+                for source in self._sources:
+                    nursery.start_soon(self._list_one, source, errors)
+            files = self._static + [f for s in self._sources for f in s.files or []]
+            await self._fs.set_files(files)
+            return errors
+
+    async def _list_one(self, source: AccountSource, errors: list[ZohofsError]) -> None:
+        account = source.account
+        downloads = HostPolicy(self._trusted,
+                               zoho_hosts=frozenset({DATA_CENTRES[account.dc].download}))
+        try:
+            await source.tokens.token()  # learn api_domain before choosing the API host
+            api_url = account.api_url or trusted_api_url(source.tokens.api_domain,
+                                                         account.default_api_url)
+            self.listings += 1
+            files = await list_backup(self._client, api_url, self._api_version,
+                                      source.tokens, downloads, account.name)
+        except ZohofsError as exc:
+            log.log(exc.log_level, "%s: cannot list backups: %s", account.name, exc)
+            errors.append(exc)
+            return
+        if not files:
+            log.info("%s: Zoho has no backup to download", account.name)
+        elif source.files is None or {f.path for f in files} != {f.path for f in source.files}:
+            log.info("%s: %d backup files", account.name, len(files))
+        source.files = files
+
+    async def refresh_for(self, name: str) -> bool:
+        """A lookup missed ``name``: list again if that could help and we have not just
+        done so. True when a listing ran."""
+        if not self._sources or not _MAY_APPEAR.match(name):
+            return False
+        if trio.current_time() - self._last < self._on_demand_every:
+            return False
+        await self.refresh()
+        return True
+
+    async def run(self) -> None:
+        """Refresh every ``interval`` seconds, forever (runs in the mount's nursery)."""
+        while True:
+            await trio.sleep_until(self._last + self._interval)
+            if trio.current_time() >= self._last + self._interval:
+                try:
+                    await self.refresh()
+                except Exception:  # in the top-level nursery: must never end the mount
+                    log.exception("unexpected error while refreshing the backup list")

@@ -1,0 +1,87 @@
+"""Assembles the parts of a running zohofs from a Config (no FUSE here: `ls` uses it too)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+
+from zohofs.auth import OAuthTokens, StaticToken, TokenSource
+from zohofs.cache import BlockCache
+from zohofs.catalog import AccountSource, Catalog
+from zohofs.config import Config
+from zohofs.errors import ConfigError, SignInError, SignInThrottled, ZohofsError
+from zohofs.fs import ZohoFS
+from zohofs.hosts import HostPolicy
+from zohofs.remote import RangeReader, RetryPolicy
+from zohofs.transport import Transport
+from zohofs.zoho import BackupFile, dedupe, parse_link, read_links_file
+
+
+@dataclass
+class Runtime:
+    fs: ZohoFS
+    catalog: Catalog
+    sources: list[AccountSource]
+
+
+def explicit_links(config: Config) -> list[BackupFile]:
+    """The ``--link``/``links`` files, each checked against the host policy."""
+    policy = HostPolicy(config.trust_hosts)
+    files = []
+    for link in config.links:
+        policy.check_link(link)
+        files.append(parse_link(link))
+    return dedupe(files)
+
+
+def read_links(links: list[str], links_file: str | None) -> tuple[str, ...]:
+    return tuple(links + (read_links_file(links_file) if links_file else []))
+
+
+@asynccontextmanager
+async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
+    static = explicit_links(config)
+    if not static and not config.accounts:
+        raise ConfigError("nothing to mount: configure a Zoho account (client id, client "
+                          "secret, refresh token; see `zohofs login`) or give --link URLs")
+    ssl_context = config.ssl_context()
+    async with httpx.AsyncClient(verify=ssl_context, timeout=config.timeout,
+                                 headers={"User-Agent": "zohofs"}) as client:
+        transport = Transport(ssl_context, config.timeout)
+        try:
+            sources = [AccountSource(a, OAuthTokens(client, a.accounts_url, a.credentials,
+                                                    name=a.name))
+                       for a in config.accounts]
+            tokens: dict[str, TokenSource] = {s.account.name: s.tokens for s in sources}
+            if static:
+                tokens[""] = _link_tokens(config, sources)
+            reader = RangeReader(transport, HostPolicy(config.trust_hosts),
+                                 RetryPolicy(config.retries, config.retry_base_delay),
+                                 config.connections)
+            fs = ZohoFS(reader, BlockCache(config.cache_size), tokens,
+                        block_size=config.block_size, readahead_blocks=config.readahead_blocks)
+            catalog = Catalog(fs, client, sources, static, api_version=config.api_version,
+                              interval=config.listing_interval, trusted=config.trust_hosts)
+            fs.on_miss = catalog.refresh_for
+            yield Runtime(fs, catalog, sources)
+        finally:
+            transport.close()
+
+
+def _link_tokens(config: Config, sources: list[AccountSource]) -> TokenSource:
+    """Explicit links read with the given access token, else the only account's."""
+    if config.access_token:
+        return StaticToken(config.access_token)
+    if len(sources) == 1:
+        return sources[0].tokens
+    raise ConfigError("--link needs an access token (--access-token-file or "
+                      "$ZOHO_ACCESS_TOKEN), or exactly one configured account")
+
+
+def fatal_sign_in_errors(errors: list[ZohofsError]) -> list[ZohofsError]:
+    """Failures that will not go away by waiting: wrong client, revoked token, no rights."""
+    return [e for e in errors if isinstance(e, SignInError)
+            and not isinstance(e, SignInThrottled)]
