@@ -11,7 +11,7 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, Protocol
+from typing import Any, Protocol
 
 import httpx
 import trio
@@ -189,9 +189,11 @@ class OAuthTokens:
             return True
 
     async def _refresh(self, now: float, after_rejection: bool = False) -> None:
+        # While Zoho will not be asked, a token that has not yet expired is still used.
+        usable = self._token is not None and now < self._expires_at and not after_rejection
         if now < self._paused_until:
-            if self._token is not None and now < self._expires_at and not after_rejection:
-                return  # the old token still works; keep using it while we wait
+            if usable:
+                return
             assert self._pause_error is not None
             raise self._pause_error
         while self._recent and self._recent[0] < now - self._limits.window:
@@ -200,21 +202,24 @@ class OAuthTokens:
             self._pause(now, self._recent[0] + self._limits.window - now, SignInThrottled(
                 f"{self._name}: {len(self._recent)} access tokens in "
                 f"{self._limits.window / 60:.0f} minutes; not asking Zoho for more until the "
-                "window passes (Zoho locks out clients that ask too often)"))
+                "window passes (Zoho locks out clients that ask too often)"), usable)
+            return
         self._recent.append(now)
         form = {"grant_type": "refresh_token", "client_id": self._credentials.client_id,
                 "client_secret": self._credentials.client_secret,
                 "refresh_token": self._credentials.refresh_token}
         try:
             body = await post_token_request(self._client, self._accounts_url, form)
+            token = body.get("access_token")
+            if not isinstance(token, str) or not token or any(c.isspace() for c in token):
+                raise SignInError(f"{self._name}: Zoho Accounts answered without a usable "
+                                  "access token")
         except SignInThrottled as exc:
-            self._pause(now, self._limits.throttle_pause, exc)
+            self._pause(now, self._limits.throttle_pause, exc, usable)
+            return
         except SignInError as exc:
-            self._pause(now, self._limits.failure_pause, exc)
-        token = body.get("access_token")
-        if not isinstance(token, str) or not token or any(c.isspace() for c in token):
-            self._pause(now, self._limits.failure_pause, SignInError(
-                f"{self._name}: Zoho Accounts answered without a usable access token"))
+            self._pause(now, self._limits.failure_pause, exc, usable)
+            return
         lifetime = token_lifetime(body)
         self._token = token
         self._expires_at = now + lifetime
@@ -225,9 +230,11 @@ class OAuthTokens:
             self.api_domain = body["api_domain"]
         log.info("%s: new access token, valid for %d s", self._name, lifetime)
 
-    def _pause(self, now: float, seconds: float, error: SignInError) -> NoReturn:
-        """Stop asking Zoho for ``seconds``; callers get ``error`` meanwhile. Raises it."""
+    def _pause(self, now: float, seconds: float, error: SignInError, usable: bool) -> None:
+        """Stop asking Zoho for ``seconds``; callers get ``error`` meanwhile (raised now
+        unless the current token is still ``usable``)."""
         self._paused_until = now + seconds
         self._pause_error = error
-        log.error("%s (not retrying for %d s)", error, seconds)
-        raise error
+        log.error("%s (not asking again for %d s)", error, seconds)
+        if not usable:
+            raise error
