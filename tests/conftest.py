@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import Mount, is_mounted, wait_for, zohofs_mounts
 from zohofs.emulator.backup import Backup, generate
-from zohofs.emulator.server import Emulator
+from zohofs.emulator.server import EmulatedAccount, Emulator
 
 TOKEN = "test-token-5f1c0e"
 MiB = 1 << 20
@@ -56,26 +56,19 @@ MountFactory = Callable[..., Mount]
 
 
 @pytest.fixture
-def mount(tmp_path: Path, emulator: Emulator, token_file: Path) -> Iterator[MountFactory]:
-    """Start zohofs on the emulator's links (or ``links=``) with extra CLI ``args``.
+def mount_process(tmp_path: Path) -> Iterator[MountFactory]:
+    """Start ``zohofs mount <tmp>/<name> *args``.
 
     Teardown unmounts with SIGTERM, requires exit 0 and a log with no unexpected
     warnings, and lazily unmounts whatever is left even when the test failed.
     """
     mounts: list[Mount] = []
 
-    def start(*args: str, links: list[str] | None = None, name: str = "mnt",
-              env: dict[str, str] | None = None) -> Mount:
+    def start(*args: str, name: str = "mnt", env: dict[str, str] | None = None) -> Mount:
         path = tmp_path / name
         path.mkdir(exist_ok=True)
-        links = links if links is not None else sorted(
-            emulator.base_url + p for p in emulator.files)
-        link_args = [a for link in links for a in ("--link", link)]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        m = Mount(path, [*link_args, "--access-token-file", str(token_file),
-                         "--trust-host", f"127.0.0.1:{emulator.port}",
-                         "--block-size", "1M", "--retry-delay", "0.01", *args],
-                  full_env, tmp_path / f"{name}-{len(mounts)}.log")
+        m = Mount(path, list(args), full_env, tmp_path / f"{name}-{len(mounts)}.log")
         mounts.append(m)
         return m
 
@@ -94,6 +87,61 @@ def mount(tmp_path: Path, emulator: Emulator, token_file: Path) -> Iterator[Moun
     assert not problems, "\n".join(problems)
 
 
-def run_zohofs(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def common_args(emulator: Emulator) -> list[str]:
+    return ["--trust-host", f"127.0.0.1:{emulator.port}", "--block-size", "1M",
+            "--retry-delay", "0.01"]
+
+
+@pytest.fixture
+def mount(mount_process: MountFactory, emulator: Emulator,
+          token_file: Path) -> MountFactory:
+    """zohofs on explicit links (the emulator's, or ``links=``) with an access token."""
+
+    def start(*args: str, links: list[str] | None = None, name: str = "mnt",
+              env: dict[str, str] | None = None) -> Mount:
+        links = links if links is not None else sorted(
+            emulator.base_url + p for p in emulator.files)
+        link_args = [a for link in links for a in ("--link", link)]
+        return mount_process(*link_args, "--access-token-file", str(token_file),
+                             *common_args(emulator), *args, name=name, env=env)
+
+    return start
+
+
+@pytest.fixture
+def account(emulator: Emulator, backup: Backup) -> EmulatedAccount:
+    return emulator.add_account(backup.zgid)
+
+
+def write_config(path: Path, emulator: Emulator, account: EmulatedAccount,
+                 extra: str = "") -> Path:
+    path.write_text(f"""
+accounts_url = "{emulator.base_url}"
+api_url = "{emulator.base_url}"
+client_id = "{account.client_id}"
+client_secret = "{account.client_secret}"
+refresh_token = "{account.refresh_token}"
+{extra}
+""")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def oauth_mount(mount_process: MountFactory, emulator: Emulator, account: EmulatedAccount,
+                tmp_path: Path) -> MountFactory:
+    """zohofs signing in with a refresh token and discovering backups, from a config file."""
+
+    def start(*args: str, name: str = "mnt", extra: str = "",
+              env: dict[str, str] | None = None) -> Mount:
+        cfg = write_config(tmp_path / f"{name}.toml", emulator, account, extra)
+        return mount_process("--config", str(cfg), *common_args(emulator), *args,
+                             name=name, env=env)
+
+    return start
+
+
+def run_zohofs(*args: str, env: dict[str, str] | None = None,
+               timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "zohofs", *args], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, **(env or {})})
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})

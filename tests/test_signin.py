@@ -18,11 +18,6 @@ from zohofs.zoho import list_backup, parse_listing, trusted_api_url
 
 
 @pytest.fixture
-def account(emulator: Emulator, backup: Backup) -> EmulatedAccount:
-    return emulator.add_account(backup.zgid)
-
-
-@pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=10) as c:
         yield c

@@ -40,7 +40,7 @@ LINK = "https://download-accl.zoho.com/v2/crm/757345985/backup/48768760000015940
     (401, AccessDenied, errno.EACCES, False),
     (403, AccessDenied, errno.EACCES, False),
     (404, RemoteNotFound, errno.ENOENT, False),
-    (429, Throttled, errno.EAGAIN, True),
+    (429, Throttled, errno.EBUSY, True),
     (500, ServerError, errno.EIO, True),
     (503, ServerError, errno.EIO, True),
     (501, ServerError, errno.EIO, False),

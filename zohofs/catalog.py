@@ -47,7 +47,7 @@ class Catalog:
         self._on_demand_every = on_demand_every
         self._lock = trio.Lock()
         self._last = -math.inf
-        self.listings = 0
+        self._last_on_demand = -math.inf
 
     async def refresh(self) -> list[ZohofsError]:
         """List every account once (in parallel) and update the tree; returns the failures.
@@ -73,7 +73,6 @@ class Catalog:
             await source.tokens.token()  # learn api_domain before choosing the API host
             api_url = account.api_url or trusted_api_url(source.tokens.api_domain,
                                                          account.default_api_url)
-            self.listings += 1
             files = await list_backup(self._client, api_url, self._api_version,
                                       source.tokens, downloads, account.name)
         except ZohofsError as exc:
@@ -91,8 +90,9 @@ class Catalog:
         done so. True when a listing ran."""
         if not self._sources or not _MAY_APPEAR.match(name):
             return False
-        if trio.current_time() - self._last < self._on_demand_every:
+        if trio.current_time() - self._last_on_demand < self._on_demand_every:
             return False
+        self._last_on_demand = trio.current_time()
         await self.refresh()
         return True
 

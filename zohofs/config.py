@@ -71,6 +71,7 @@ class Config:
     access_token: str | None = field(default=None, repr=False)
     api_version: int = 8
     listing_interval: float = 600.0
+    lookup_refresh_interval: float = 60.0  # at most one listing per this for missed names
     ca_file: str | None = None
     trust_hosts: frozenset[str] = frozenset()
     cache_size: int = 256 * MiB
@@ -232,7 +233,8 @@ def _url(value: Any) -> str:
 
 SETTINGS: dict[str, Callable[[Any], Any]] = {
     "dc": _dc, "accounts_url": _url, "api_url": _url, "api_version": _integer,
-    "listing_interval": _number, "cache_size": lambda v: parse_size(v, MiB),
+    "listing_interval": _number, "lookup_refresh_interval": _number,
+    "cache_size": lambda v: parse_size(v, MiB),
     "block_size": parse_size, "readahead": _integer, "connections": _integer,
     "timeout": _number, "retries": _integer, "retry_delay": _number, "page_cache": _boolean,
     "ca_file": _string, "trust_hosts": _strings, "fuse_options": _strings, "links": _strings,
@@ -295,7 +297,8 @@ def single_account_sources(secret_flags: Mapping[str, str | None], env: Mapping[
         creds_dir = Path(env["CREDENTIALS_DIRECTORY"])
         systemd = {s: creds_dir / ("zoho-" + s.replace("_", "-")) for s in SECRETS}
         sources.append({f"{s}_file": str(p) for s, p in systemd.items() if p.exists()})
-    sources.append({s: env[f"ZOHO_{s.upper()}"] for s in SECRETS if env.get(f"ZOHO_{s.upper()}")})
+    sources.append({s: env[f"ZOHO_{s.upper()}"] for s in SECRETS
+                    if env.get(f"ZOHO_{s.upper()}")})
     sources.append({k: v for k, v in top.items() if k in CREDENTIAL_KEYS})
     return sources
 

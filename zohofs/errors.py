@@ -8,19 +8,21 @@ Exception tree (each class carries its errno and the log level it deserves)::
     ├── NoSuchEntry                  ENOENT  a name that is not in the tree
     ├── NoAttribute                  ENODATA a missing xattr
     ├── SignInError                  EACCES  Zoho Accounts refused the refresh token or client
-    │   └── SignInThrottled          EAGAIN  too many token refreshes: waiting it out
+    │   └── SignInThrottled          EBUSY   too many token refreshes: waiting it out
     ├── DiscoveryError               EIO     the backup URLs API failed or answered nonsense
     └── RemoteError                  EIO     anything the download host did wrong
         ├── AccessDenied             EACCES  401 / 403
         │   └── LinkExpired          EACCES  the link is past its expiry date
         ├── RemoteNotFound           ENOENT  404
         ├── ServerError              EIO     5xx
-        ├── Throttled                EAGAIN  429 (after retries)
+        ├── Throttled                EBUSY   429 (after retries)
         ├── TransportError           EIO     connection refused, reset, timeout, truncated body
         ├── BadAnswer                EIO     an answer zohofs must not trust (wrong range, length)
         └── RemoteChanged            ESTALE  the file's validator changed under an open file
 
-Nothing outside this module decides which errno an error becomes.
+Nothing outside this module decides which errno an error becomes. Throttling is EBUSY, not
+EAGAIN: on a blocking read, EAGAIN makes some readers (Python's among them) stop silently
+as if at end of file, which would turn a refusal into a truncated copy.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class SignInError(ZohofsError):
 
 
 class SignInThrottled(SignInError):
-    errno = _errno.EAGAIN
+    errno = _errno.EBUSY
     log_level = logging.WARNING
 
 
@@ -100,7 +102,7 @@ class ServerError(RemoteError):
 
 
 class Throttled(RemoteError):
-    errno = _errno.EAGAIN
+    errno = _errno.EBUSY
     log_level = logging.WARNING
     transient = True
 

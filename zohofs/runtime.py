@@ -64,7 +64,8 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
             fs = ZohoFS(reader, BlockCache(config.cache_size), tokens,
                         block_size=config.block_size, readahead_blocks=config.readahead_blocks)
             catalog = Catalog(fs, client, sources, static, api_version=config.api_version,
-                              interval=config.listing_interval, trusted=config.trust_hosts)
+                              interval=config.listing_interval, trusted=config.trust_hosts,
+                              on_demand_every=config.lookup_refresh_interval)
             fs.on_miss = catalog.refresh_for
             yield Runtime(fs, catalog, sources)
         finally:

@@ -1,0 +1,253 @@
+"""Real mounts that sign in with a refresh token and discover backups by themselves."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import stat
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MiB, MountFactory, common_args, run_zohofs, write_config
+from tests.helpers import Mount, file_sha256, sha256, wait_for
+from zohofs.emulator.backup import Backup, generate
+from zohofs.emulator.server import EmulatedAccount, Emulator
+
+ZGID = "757345985"
+JOB = f"{ZGID}/4876876000001594004"
+NEW_JOB = "4876876000001777001"
+
+
+def listings(emulator: Emulator) -> int:
+    return sum(p.endswith("/backup/urls") for p in emulator.arrived)
+
+
+def open_errno(path: Path) -> int:
+    try:
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as exc:
+        return exc.errno or -1
+    return 0
+
+
+def test_discovery_builds_the_tree_and_rsync_copies_it(
+        oauth_mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path) -> None:
+    m = oauth_mount()
+    assert os.listdir(m.path) == [ZGID]
+    assert sorted(os.listdir(m.path / JOB)) == sorted(backup.files)
+    subprocess.run(["rsync", "-a", f"{m.path}/", f"{tmp_path / 'copy'}/"], check=True)
+    for name, data in backup.files.items():
+        assert file_sha256(tmp_path / "copy" / JOB / name) == sha256(data)
+    assert len(emulator.issued) == 1  # one access token for the whole multi-file copy
+    assert listings(emulator) == 1
+
+
+def test_tokens_expiring_under_a_copy_are_renewed_transparently(
+        oauth_mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path) -> None:
+    emulator.token_lifetime = 3
+    m = oauth_mount("--connections", "1")
+    started = datetime.now(UTC)
+    # About 4 s at this rate, so the first token dies while the copy runs.
+    subprocess.run(["rsync", "-a", "--bwlimit=3000", f"{m.path}/", f"{tmp_path / 'copy'}/"],
+                   check=True)
+    seconds = (datetime.now(UTC) - started).total_seconds()
+    for name, data in backup.files.items():
+        assert file_sha256(tmp_path / "copy" / JOB / name) == sha256(data)
+    assert 2 <= len(emulator.issued) <= seconds / 3 + 2  # at most one per token lifetime
+
+
+def test_an_expired_token_is_renewed_once_and_the_read_retried(
+        oauth_mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
+    m = oauth_mount()
+    m.expect_log(r"HTTP 401 INVALID_OAUTHSCOPE")
+    name = "Attachments_001.zip"
+    with open(m.path / JOB / name, "rb", buffering=0) as f:
+        first = f.read(2 * MiB)
+        emulator.expire_access_tokens()
+        rest = f.read()
+    assert first + rest == backup.files[name]
+    assert len(emulator.issued) == 2
+
+
+def test_zoho_throttling_fails_reads_clearly(
+        oauth_mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
+    m = oauth_mount()
+    m.expect_log("too many requests|HTTP 401|not asking again")
+    emulator.throttle_limit = 0
+    emulator.expire_access_tokens()
+    with pytest.raises(OSError) as info:
+        (m.path / JOB / "Attachments_002.zip").read_bytes()
+    assert info.value.errno == errno.EBUSY
+    assert "too many requests" in m.log
+    # It does not ask again while paused: one refused refresh, whatever the reads.
+    with pytest.raises(OSError):
+        (m.path / JOB / "Attachments_003.zip").read_bytes()
+    assert sum(p == "/oauth/v2/token" for p in emulator.arrived) == 2
+
+
+def test_a_revoked_refresh_token_gives_eacces_and_says_why(
+        oauth_mount: MountFactory, emulator: Emulator, account: EmulatedAccount) -> None:
+    m = oauth_mount()
+    m.expect_log("invalid_code|HTTP 401|not asking again")
+    del emulator.accounts[account.refresh_token]
+    emulator.expire_access_tokens()
+    assert open_errno(m.path / JOB / "Attachments_001.zip") == 0  # probed at mount
+    with pytest.raises(OSError) as info:
+        (m.path / JOB / "Attachments_001.zip").read_bytes()
+    assert info.value.errno == errno.EACCES
+    assert "zohofs login" in m.log
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ("refresh_token", "invalid_code"),
+    ("client_id", "wrong client id, or wrong data centre"),
+    ("client_secret", "wrong client secret"),
+])
+def test_bad_credentials_stop_the_mount_with_a_clear_message(
+        emulator: Emulator, account: EmulatedAccount, tmp_path: Path,
+        change: str, message: str) -> None:
+    wrong = dataclasses.replace(account)
+    setattr(wrong, change, "1000.wrong")  # in the config only: the emulator keeps the truth
+    cfg = write_config(tmp_path / "c.toml", emulator, wrong)
+    (tmp_path / "m").mkdir()
+    try:
+        result = run_zohofs("mount", str(tmp_path / "m"), "--config", str(cfg),
+                            *common_args(emulator), timeout=30)
+    finally:  # should the mount wrongly come up, do not leave it behind
+        subprocess.run(["fusermount3", "-uz", str(tmp_path / "m")], capture_output=True,
+                       check=False)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_no_backup_gives_an_empty_mount(
+        oauth_mount: MountFactory, emulator: Emulator) -> None:
+    emulator.no_backup.add(ZGID)
+    m = oauth_mount()
+    assert os.listdir(m.path) == []
+    assert "no backup to download" in m.log
+
+
+def test_a_new_backup_appears_on_lookup_and_the_old_one_leaves(
+        oauth_mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
+    m = oauth_mount(env={"ZOHOFS_LOOKUP_REFRESH_INTERVAL": "3600"})
+    old = m.path / JOB / "Data_001.zip"
+    with open(old, "rb", buffering=0) as still_open:
+        new = generate(seed=9, size=2 * MiB, job_id=NEW_JOB)
+        emulator.add_backup(new)
+        # A lookup of the new job id lists again, once.
+        assert sorted(os.listdir(m.path / ZGID / NEW_JOB)) == sorted(new.files)
+        assert listings(emulator) == 2
+        assert os.listdir(m.path / ZGID) == [NEW_JOB]
+        # An open file of the backup that left keeps reading.
+        assert still_open.read() == backup.files["Data_001.zip"]
+    # What file managers look up in every folder costs no listing at all; ids that could
+    # be backups cost at most one listing a minute (here: an hour).
+    for name in (".hidden", ".Trash-0", "autorun.inf", "desktop.ini", "123", "999",
+                 "Data_042.zip"):
+        assert open_errno(m.path / ZGID / name) == errno.ENOENT
+    assert listings(emulator) == 2
+    with open(m.path / ZGID / NEW_JOB / "Data_001.zip", "rb") as f:
+        assert f.read() == new.files["Data_001.zip"]
+
+
+def test_the_listing_is_refreshed_periodically(
+        oauth_mount: MountFactory, emulator: Emulator) -> None:
+    m = oauth_mount("--listing-interval", "0.5")
+    emulator.add_backup(generate(seed=9, size=2 * MiB, job_id=NEW_JOB))
+    wait_for(lambda: os.listdir(m.path / ZGID) == [NEW_JOB], 15, "the new backup")
+
+
+def test_expired_links_give_eacces_and_say_so(
+        oauth_mount: MountFactory, emulator: Emulator) -> None:
+    emulator.links_expire = datetime.now(UTC) + timedelta(seconds=2)
+    m = oauth_mount()
+    m.expect_log("expired on")
+    path = m.path / JOB / "Data_001.zip"
+    wait_for(lambda: open_errno(path) == errno.EACCES, 15, "the links to expire")
+    assert f"expired on {emulator.links_expire.astimezone().isoformat()[:10]}" in m.log
+
+
+def test_hostile_links_from_the_api_are_refused(
+        oauth_mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
+    good = emulator.listing(ZGID)["urls"]
+    assert isinstance(good, dict)
+    evil = [f"{emulator.base_url}/v2/crm/{ZGID}/backup/1/..%2F..%2Fshadow",
+            f"https://attacker.example/v2/crm/{ZGID}/backup/1/Data_001.zip",
+            f"{emulator.base_url}/v2/crm/x1/backup/1/Data_001.zip"]
+    body = {"urls": {**good, "data_links": good["data_links"] * 2 + evil}}
+    emulator.listing_override = (200, json.dumps(body).encode())
+    m = oauth_mount()
+    m.expect_log("refusing a link")
+    assert sorted(os.listdir(m.path / JOB)) == sorted(backup.files)
+    assert m.log.count("refusing a link") == 3
+
+
+def test_secrets_never_reach_the_log(
+        oauth_mount: MountFactory, emulator: Emulator, account: EmulatedAccount) -> None:
+    m = oauth_mount("--debug")
+    m.expect_log("HTTP 401")
+    (m.path / JOB / "Data_001.zip").read_bytes()
+    emulator.expire_access_tokens()
+    (m.path / JOB / "Attachments_001.zip").read_bytes()
+    log = m.log
+    assert "Data_001.zip" in log and len(emulator.issued) == 2
+    for secret in (account.client_id, account.client_secret, account.refresh_token,
+                   *emulator.issued):
+        assert secret not in log
+
+
+def test_ls_lists_without_mounting(emulator: Emulator, account: EmulatedAccount,
+                                   backup: Backup, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.toml", emulator, account)
+    trust = ("--trust-host", f"127.0.0.1:{emulator.port}")
+    result = run_zohofs("ls", "--config", str(cfg), *trust)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    assert sorted(r[:4] for r in rows) == sorted(
+        [ZGID, backup.job_id, name, str(len(data))] for name, data in backup.files.items())
+    assert {datetime.fromisoformat(r[4]) for r in rows} == {emulator.links_expire}
+    del emulator.accounts[account.refresh_token]
+    result = run_zohofs("ls", "--config", str(cfg), *trust)
+    assert result.returncode == 1 and "zohofs login" in result.stderr
+
+
+def test_login_stores_the_refresh_token_privately(
+        emulator: Emulator, account: EmulatedAccount, tmp_path: Path) -> None:
+    for name, value in (("id", account.client_id), ("secret", account.client_secret),
+                        ("code", emulator.add_grant_code(account))):
+        (tmp_path / name).write_text(value + "\n")
+        (tmp_path / name).chmod(0o600)
+    out = tmp_path / "conf" / "refresh-token"
+    args = ["login", "--accounts-url", emulator.base_url, "--client-id-file",
+            str(tmp_path / "id"), "--client-secret-file", str(tmp_path / "secret"),
+            "--code-file", str(tmp_path / "code"), "--output", str(out)]
+    result = run_zohofs(*args)
+    assert result.returncode == 0, result.stderr
+    assert "ZohoCRM.bulk.backup.READ,ZohoFiles.files.ALL" in result.stdout
+    assert str(out) in result.stdout
+    assert out.read_text().strip() == account.refresh_token
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    # A code works once.
+    result = run_zohofs(*args)
+    assert result.returncode == 1 and "grant code" in result.stderr
+
+
+def test_explicit_links_still_work_next_to_an_account(
+        mount_process: MountFactory, emulator: Emulator, account: EmulatedAccount,
+        backup: Backup, tmp_path: Path) -> None:
+    # A link the user kept from an older backup, read with the account's token.
+    older = generate(seed=4, size=MiB, job_id="4876876000001000001")
+    links = emulator.add_backup(older)
+    emulator.current_job[ZGID] = backup.job_id
+    cfg = write_config(tmp_path / "c.toml", emulator, account)
+    m: Mount = mount_process("--config", str(cfg), "--link", links[0], *common_args(emulator))
+    assert sorted(os.listdir(m.path / ZGID)) == [older.job_id, backup.job_id]
+    name = links[0].rsplit("/", 1)[1]
+    assert (m.path / ZGID / older.job_id / name).read_bytes() == older.files[name]
+    assert len(emulator.issued) == 1
