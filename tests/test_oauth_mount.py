@@ -251,3 +251,29 @@ def test_explicit_links_still_work_next_to_an_account(
     name = links[0].rsplit("/", 1)[1]
     assert (m.path / ZGID / older.job_id / name).read_bytes() == older.files[name]
     assert len(emulator.issued) == 1
+
+
+def test_several_accounts_in_one_mount(
+        mount_process: MountFactory, emulator: Emulator, account: EmulatedAccount,
+        backup: Backup, tmp_path: Path) -> None:
+    sister = generate(seed=11, size=2 * MiB, zgid="800123", job_id="5000000000000000001")
+    emulator.add_backup(sister)
+    second = emulator.add_account(sister.zgid)
+    tables = "".join(f"""
+[[account]]
+name = "{name}"
+client_id = "{a.client_id}"
+client_secret = "{a.client_secret}"
+refresh_token = "{a.refresh_token}"
+""" for name, a in (("main", account), ("sister", second)))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'accounts_url = "{emulator.base_url}"\napi_url = "{emulator.base_url}"\n'
+                   + tables)
+    cfg.chmod(0o600)
+    m = mount_process("--config", str(cfg), *common_args(emulator))
+    assert sorted(os.listdir(m.path)) == sorted([ZGID, sister.zgid])
+    # Each org's files are read with that org's own token (the emulator checks).
+    assert (m.path / JOB / "Data_001.zip").read_bytes() == backup.files["Data_001.zip"]
+    assert (m.path / sister.zgid / sister.job_id / "Data_001.zip").read_bytes() == (
+        sister.files["Data_001.zip"])
+    assert len(emulator.issued) == 2

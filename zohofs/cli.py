@@ -182,9 +182,12 @@ def _notify_systemd(state: str) -> None:
         return
     if address.startswith("@"):
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(address)
-        s.sendall(state.encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(address)
+            s.sendall(state.encode())
+    except OSError as exc:  # a notification lost is no reason to fail the mount
+        log.warning("cannot notify systemd (%s): %s", address, exc)
 
 
 async def serve(config: Config, on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
