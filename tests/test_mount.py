@@ -280,3 +280,27 @@ def test_the_token_never_reaches_the_log(mount: MountFactory, backup: Backup) ->
     shutil.copyfile(m.path / JOB / "Data_001.zip", m.path.parent / "copy.zip")
     assert TOKEN not in m.log
     assert "Data_001.zip" in m.log  # the debug log did see the traffic
+
+
+def test_a_server_that_ignores_range_still_serves_exact_bytes(
+        mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path) -> None:
+    emulator.add_fault("ignore_range", count=None)
+    m = mount("--cache-size", "2")  # two blocks: going back means starting over
+    m.expect_log("ignores Range requests")
+    name = "Attachments_001.zip"
+    data = backup.files[name]
+    subprocess.run(["cp", str(m.path / JOB / name), str(tmp_path / name)], check=True)
+    assert file_sha256(tmp_path / name) == sha256(data)
+    # One whole-file GET for the sequential copy, not one per block.
+    assert len(data_gets(emulator, name)) == 1
+    # Random access (unzip reads the end first) works too: it starts over when it must.
+    result = subprocess.run(["unzip", "-tq", str(m.path / JOB / name)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    fd = os.open(m.path / JOB / name, os.O_RDONLY)
+    try:
+        for offset in (3 * MiB + 5, 17, 4 * MiB - 1, 0):
+            assert os.pread(fd, 70000, offset) == data[offset:offset + 70000]
+    finally:
+        os.close(fd)
+    assert len(data_gets(emulator, name)) > 3  # it did start over, and still got it right

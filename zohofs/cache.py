@@ -69,10 +69,10 @@ class BlockCache:
             self._blocks[key] = flight.data
         return flight.data
 
-    def drop(self, predicate: Callable[[Hashable], bool]) -> None:
-        """Forget every cached block whose key matches (a file that changed)."""
-        for key in [k for k in self._blocks if predicate(k)]:
-            self._blocks.pop(key, None)
+    def put(self, key: Hashable, data: bytes) -> None:
+        """Keep a block that arrived without a fetch of its own (a streamed file)."""
+        if len(data) <= self.capacity:
+            self._blocks[key] = data
 
     @property
     def used(self) -> int:

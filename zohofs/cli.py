@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ca-out", metavar="FILE", help="where to write the CA (with --tls)")
     e.add_argument("--token", default="emulator-token",
                    help="an access token it accepts for downloads, besides issued ones")
+    e.add_argument("--token-lifetime", type=int, default=3600, metavar="SECONDS",
+                   help="lifetime of the access tokens it issues (default %(default)s)")
     e.add_argument("--data-dir", type=Path,
                    help="serve zips found under v2/crm/<zgid>/backup/<job>/ here")
     _add_backup_options(e)
@@ -359,6 +361,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     emulator = Emulator(args.host, args.port, tls=args.tls, tokens={args.token},
                         ca_path=args.ca_out)
+    emulator.token_lifetime = args.token_lifetime
     links = (emulator.add_data_dir(args.data_dir) if args.data_dir
              else emulator.add_backup(_generated_backup(args)))
     print(emulator.base_url, flush=True)

@@ -24,11 +24,12 @@ from zohofs.errors import (
     NoSuchEntry,
     ReadOnly,
     RemoteChanged,
+    TransportError,
     ZohofsError,
 )
 from zohofs.logs import redact_url
 from zohofs.readahead import Readahead
-from zohofs.remote import RangeReader, RemoteInfo
+from zohofs.remote import RangeReader, RemoteInfo, WholeFileStream
 from zohofs.zoho import BackupFile
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ class Node:
     info: RemoteInfo | None = None
     error: ZohofsError | None = None
     probe_lock: trio.Lock = field(default_factory=trio.Lock)
+    # Only for servers that ignore Range: the whole-file answer being read, and its lock.
+    stream: WholeFileStream | None = None
+    stream_lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
     def is_dir(self) -> bool:
@@ -307,7 +311,11 @@ class ZohoFS:
         return fh
 
     def release(self, fh: int) -> None:
-        self._open.pop(fh, None)
+        handle = self._open.pop(fh, None)
+        node = handle.node if handle else None
+        if node and node.stream and not any(h.node is node for h in self._open.values()):
+            node.stream.close()  # nobody reads on: give the connection back
+            node.stream = None
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         """Exactly ``size`` bytes at ``offset``, fewer only at end of file."""
@@ -335,29 +343,67 @@ class ZohoFS:
         return (handle.node.ino, handle.info.etag, handle.info.last_modified, index)
 
     async def _block(self, handle: OpenFile, index: int) -> bytes:
-        start = index * self.block_size
-        length = min(self.block_size, handle.info.size - start)
-        file = handle.file
-
-        async def fetch() -> bytes:
-            check_expiry(file)
-            try:
-                return await self._reader.fetch(file.url, start, length, handle.info,
-                                                self._tokens[file.account])
-            except AccessDenied as exc:
-                check_expiry(file)  # the link may have expired while the request was out
-                raise exc
-
         try:
-            return await self._cache.get(self._key(handle, index), fetch)
+            if not handle.info.ranges:
+                return await self._streamed_block(handle, index)
+            return await self._cache.get(self._key(handle, index),
+                                         lambda: self._fetch(handle, index))
         except RemoteChanged:
             # Open handles keep failing with ESTALE; the next open probes the new version.
             if handle.node.info is handle.info:
                 handle.node.info = None
             raise
 
+    async def _fetch(self, handle: OpenFile, index: int) -> bytes:
+        start = index * self.block_size
+        length = min(self.block_size, handle.info.size - start)
+        file = handle.file
+        check_expiry(file)
+        try:
+            return await self._reader.fetch(file.url, start, length, handle.info,
+                                            self._tokens[file.account])
+        except AccessDenied:
+            check_expiry(file)  # the link may have expired while the request was out
+            raise
+
+    async def _streamed_block(self, handle: OpenFile, index: int) -> bytes:
+        """A block of a file whose server ignores Range: read the whole-file answer up to
+        it, keeping every block passed on the way. Correct bytes, at the price of starting
+        over from byte 0 when a reader goes back past what the cache still holds."""
+        node, bs = handle.node, self.block_size
+        async with node.stream_lock:
+            for attempt in range(2):
+                cached = self._cache.peek(self._key(handle, index))
+                if cached is not None:
+                    return cached
+                stream = node.stream
+                if stream is None or stream.info is not handle.info or stream.position > index * bs:
+                    if stream is not None:
+                        stream.close()
+                    check_expiry(handle.file)
+                    stream = node.stream = await self._reader.open_whole(
+                        handle.file.url, handle.info, self._tokens[handle.file.account])
+                try:
+                    while True:
+                        i = stream.position // bs
+                        data = await stream.read(min(bs, handle.info.size - stream.position))
+                        self._cache.put(self._key(handle, i), data)
+                        if i == index:
+                            return data
+                except TransportError:
+                    stream.close()
+                    node.stream = None
+                    if attempt:
+                        raise
+                except BaseException:
+                    stream.close()
+                    node.stream = None
+                    raise
+        raise AssertionError("unreachable")
+
     def _prefetch(self, handle: OpenFile, index: int) -> None:
-        if self._nursery is None or self._key(handle, index) in self._cache:
+        if (self._nursery is None or not handle.info.ranges
+                or self._key(handle, index) in self._cache):
             return
         self._nursery.start_soon(self._prefetch_block, handle, index)
 

@@ -30,7 +30,7 @@ from zohofs.errors import (
 )
 from zohofs.hosts import HostPolicy, host_port
 from zohofs.logs import redact_url
-from zohofs.transport import Transport, read_exactly, read_small
+from zohofs.transport import OpenBody, Transport, read_exactly, read_small
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -156,6 +156,14 @@ class RangeReader:
 
         return await self._with_retries(url, headers, tokens, read)
 
+    async def open_whole(self, url: str, info: RemoteInfo,
+                         tokens: TokenSource) -> WholeFileStream:
+        """The whole file as one stream, for servers that ignore Range."""
+        def read(response: http.client.HTTPResponse, url: str) -> OpenBody:
+            return _open_whole(response, url, info)
+
+        return WholeFileStream(await self._with_retries(url, {}, tokens, read), info)
+
     async def _with_retries(self, url: str, headers: dict[str, str], tokens: TokenSource,
                             read: Callable[[http.client.HTTPResponse, str], T]) -> T:
         retrying = tenacity.AsyncRetrying(
@@ -202,6 +210,40 @@ class RangeReader:
                 return result
             url = str(result)
         raise BadAnswer(f"more than {_MAX_REDIRECTS} redirects from {redact_url(url)}")
+
+
+class WholeFileStream:
+    """A file read front to back from one whole-file answer, for servers that ignore Range.
+
+    It can only move forward: whoever needs an earlier byte opens a new one.
+    """
+
+    def __init__(self, body: OpenBody, info: RemoteInfo) -> None:
+        self._body = body
+        self.info = info
+        self.position = 0
+
+    async def read(self, length: int) -> bytes:
+        data = await trio.to_thread.run_sync(self._body.read, length, abandon_on_cancel=True)
+        self.position += length
+        return data
+
+    def close(self) -> None:
+        self._body.close()
+
+
+def _open_whole(response: http.client.HTTPResponse, url: str, info: RemoteInfo) -> OpenBody:
+    if response.status != 200:
+        _raise_for_status(response, url)
+    etag, mtime = _validators(response)
+    if (info.etag and etag != info.etag) or (
+            info.etag is None and info.last_modified and mtime != info.last_modified):
+        raise RemoteChanged(f"{redact_url(url)}: the file changed on the server")
+    if response.length != info.size or not _is_identity(response):
+        raise BadAnswer(f"{redact_url(url)}: whole-file answer of {response.length} bytes "
+                        f"({response.headers.get('Content-Encoding', 'identity')}), expected "
+                        f"{info.size}")
+    return OpenBody(response)
 
 
 class _Redirect(str):

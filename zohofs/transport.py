@@ -91,6 +91,9 @@ class Transport:
             except BaseException:
                 conn.close()
                 raise
+            if isinstance(result, OpenBody):
+                result.connection = conn  # the body is read later; the connection goes along
+                return result
             if response.isclosed() and not response.will_close:
                 self._checkin(key, conn)
             else:
@@ -104,6 +107,25 @@ class Transport:
             self._idle.clear()
         for conn in conns:
             conn.close()
+
+
+class OpenBody:
+    """An answer whose body the caller reads later, bit by bit; it owns its connection.
+
+    A ``handle`` given to :meth:`Transport.request` returns one to keep the answer open.
+    """
+
+    def __init__(self, response: http.client.HTTPResponse) -> None:
+        self.response = response
+        self.connection: http.client.HTTPConnection | None = None
+
+    def read(self, length: int) -> bytes:
+        return read_exactly(self.response, length)
+
+    def close(self) -> None:
+        self.response.close()
+        if self.connection is not None:
+            self.connection.close()
 
 
 def _describe(exc: BaseException) -> str:
