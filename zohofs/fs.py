@@ -130,12 +130,11 @@ class ZohoFS:
             parent = self._nodes[ROOT_INODE]
             for part in (f.zgid, f.job_id):
                 parent = self._child(parent, part, None)
-            known = parent.children.get(f.name)
+            known = f.name in parent.children
             node = self._child(parent, f.name, f)
-            if known is None:
+            node.file = f  # maybe a fresh link (or expiry) for a file we had
+            if not known:
                 added.append(node)
-            elif node.file != f:
-                node.file = f  # a fresh link (or expiry) for the same file
         return added
 
     async def set_files(self, files: Iterable[BackupFile]) -> None:
@@ -275,14 +274,15 @@ class ZohoFS:
         return await self.getattr(ino)
 
     def readdir(self, ino: int, start: int) -> list[tuple[str, Attr, int]]:
-        """Entries after offset ``start``; offsets are positions in the sorted name list,
-        stable because names never change while the mount lives."""
+        """Entries after offset ``start``, in inode order; an entry's offset is its inode.
+
+        Listings change under an open directory (a new backup, an old one leaving): keyed
+        by inode, that never makes a reader skip or repeat an entry."""
         node = self._node(ino)
         if not node.is_dir:
             raise NoSuchEntry("not a directory")
-        names = sorted(node.children)
-        return [(name, self.attr(self._nodes[node.children[name]]), i + 1)
-                for i, name in enumerate(names) if i >= start]
+        entries = sorted((child, name) for name, child in node.children.items() if child > start)
+        return [(name, self.attr(self._nodes[child]), child) for child, name in entries]
 
     def check_dir(self, ino: int) -> None:
         if not self._node(ino).is_dir:
@@ -390,15 +390,12 @@ class ZohoFS:
                         self._cache.put(self._key(handle, i), data)
                         if i == index:
                             return data
-                except TransportError:
+                except BaseException as exc:
                     stream.close()
                     node.stream = None
-                    if attempt:
+                    # A stream that broke is opened again once; anything else is final.
+                    if attempt or not isinstance(exc, TransportError):
                         raise
-                except BaseException:
-                    stream.close()
-                    node.stream = None
-                    raise
         raise AssertionError("unreachable")
 
     def _prefetch(self, handle: OpenFile, index: int) -> None:
