@@ -106,6 +106,7 @@ http {{
     try:
         time.sleep(0.5)
         (work / "token").write_text("bench-token")
+        (work / "token").chmod(0o600)
         start = time.perf_counter()
         subprocess.run(["curl", "-sf", "--cacert", str(work / "ca.pem"), "-o", "/dev/null", url],
                        check=True)
