@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import io
 import zipfile
+from pathlib import Path
 
 import pyfuse3
 import pytest
@@ -31,7 +32,7 @@ from zohofs.hosts import HostPolicy
 from zohofs.operations import handler
 from zohofs.readahead import Readahead
 from zohofs.remote import parse_content_range, parse_retry_after
-from zohofs.zoho import parse_link
+from zohofs.zoho import parse_link, read_links_file
 
 LINK = "https://download-accl.zoho.com/v2/crm/757345985/backup/4876876000001594004/Data_001.zip"
 
@@ -174,3 +175,12 @@ async def test_handler_turns_every_failure_into_an_errno() -> None:
     with trio.move_on_after(0.01) as scope:  # cancellation passes through untouched
         await slow()
     assert scope.cancelled_caught
+
+
+def test_links_files_skip_blanks_and_comments(tmp_path: Path) -> None:
+    path = tmp_path / "links"
+    other = LINK.replace("Data", "Attachments")
+    path.write_text(f"# this week's backup\n\n{LINK}  # data\n   \n{other}\n")
+    assert read_links_file(str(path)) == [LINK, other]
+    with pytest.raises(ConfigError, match="cannot read links file"):
+        read_links_file(str(tmp_path / "missing"))

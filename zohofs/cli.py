@@ -163,7 +163,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config.from_settings(
         settings, accounts=accounts, debug=args.debug,
         links=read_links(list(settings.get("links", ())), settings.get("links_file")),
-        access_token=access_token(args.access_token_file, os.environ),
+        access_token=access_token(args.access_token_file, os.environ, args.strict),
         # Resolved now: once mounted, a stat() of the mount point from the thread that
         # serves it would wait forever for itself.
         mountpoint=os.path.realpath(mountpoint) if mountpoint else "")

@@ -154,11 +154,12 @@ def read_secret_file(path: str, what: str, strict: bool = False) -> str:
     return value
 
 
-def access_token(token_file: str | None, env: Mapping[str, str]) -> str | None:
+def access_token(token_file: str | None, env: Mapping[str, str],
+                 strict: bool = False) -> str | None:
     """The access token of the explicit-link mode: ``--access-token-file``, else
     ``$ZOHO_ACCESS_TOKEN``."""
     if token_file:
-        return read_secret_file(token_file, "access token")
+        return read_secret_file(token_file, "access token", strict)
     return env.get("ZOHO_ACCESS_TOKEN", "").strip() or None
 
 
