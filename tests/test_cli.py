@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import urllib.request
@@ -52,3 +53,28 @@ def test_demo_shows_the_tree_and_unmounts_on_ctrl_c(tmp_path: Path) -> None:
                 subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
     assert code == 0, log.read_text()
     assert not is_mounted(mnt)
+
+
+def test_emulator_serves_a_data_dir_over_tls(tmp_path: Path) -> None:
+    job = tmp_path / "data" / "v2" / "crm" / "42" / "backup" / "7"
+    job.mkdir(parents=True)
+    (job / "Data_001.zip").write_bytes(b"0123456789" * 1000)
+    proc = subprocess.Popen([sys.executable, "-m", "zohofs", "emulator", "--tls",
+                             "--ca-out", str(tmp_path / "ca.pem"), "--data-dir",
+                             str(tmp_path / "data")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        base = proc.stdout.readline().strip()
+        assert base.startswith("https://127.0.0.1:")
+        assert proc.stdout.readline().strip() == f"ca-file: {tmp_path / 'ca.pem'}"
+        lines = [proc.stdout.readline().strip() for _ in range(2)]
+        assert f"link: {base}/v2/crm/42/backup/7/Data_001.zip" in lines
+        context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        request = urllib.request.Request(f"{base}/v2/crm/42/backup/7/Data_001.zip", headers={
+            "Authorization": "Zoho-oauthtoken emulator-token", "Range": "bytes=9995-"})
+        with urllib.request.urlopen(request, timeout=10, context=context) as answer:
+            assert answer.headers["Content-Range"] == "bytes 9995-9999/10000"
+            assert answer.read() == b"56789"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0

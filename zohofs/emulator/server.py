@@ -191,6 +191,9 @@ class Emulator:
                                            if st.st_size else b"")
             links.append(self.add_file(m[1], m[2], m[3], data, st.st_mtime,
                                        f'"{st.st_size:x}-{int(st.st_mtime):x}"'))
+            # The highest job id of an org is its current backup (Zoho's ids grow).
+            if int(m[2]) >= int(self.current_job.get(m[1], "0")):
+                self.current_job[m[1]] = m[2]
         return links
 
     def replace(self, url_or_path: str, data: bytes) -> None:
