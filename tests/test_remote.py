@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import Iterator
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import TOKEN
 from zohofs.auth import StaticToken
@@ -181,3 +184,21 @@ async def test_a_failed_probe_is_retried_on_access(emulator: Emulator, url: str)
         await fs.getattr(node.ino)
     emulator.faults.remove(fault)
     assert (await fs.getattr(node.ino)).size > 0
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(reads=st.lists(st.tuples(st.integers(0, 5 * MiB), st.integers(0, 3 * MiB)),
+                      min_size=1, max_size=8))
+async def test_any_read_returns_the_servers_bytes(
+        emulator: Emulator, backup: Backup, url: str, reads: list[tuple[int, int]]) -> None:
+    # A small cache, so that reads also meet evicted blocks and blocks fetched ahead.
+    fs = ZohoFS(reader_for(emulator), BlockCache(3 * MiB), {"": TOKENS}, block_size=MiB,
+                readahead_blocks=2)
+    fs.add_files([parse_link(url)])
+    data = backup.files[NAME]
+    async with trio.open_nursery() as nursery:
+        fs.start(nursery)
+        fh = await fs.open(fs.files[0].ino, os.O_RDONLY)
+        for offset, size in reads:
+            assert bytes(await fs.read(fh, offset, size)) == data[offset:offset + size]
