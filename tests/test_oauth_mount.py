@@ -144,6 +144,8 @@ def test_a_new_backup_appears_on_lookup_and_the_old_one_leaves(
         assert sorted(os.listdir(m.path / ZGID / NEW_JOB)) == sorted(new.files)
         assert listings(emulator) == 2
         assert os.listdir(m.path / ZGID) == [NEW_JOB]
+        # The kernel forgets the old entries too, not only when their cache time runs out.
+        wait_for(lambda: not (m.path / JOB).exists(), 10, "the old backup to leave")
         # An open file of the backup that left keeps reading.
         assert still_open.read() == backup.files["Data_001.zip"]
     # What file managers look up in every folder costs no listing at all; ids that could

@@ -109,6 +109,8 @@ class ZohoFS:
         self._tokens = tokens
         # Called with a name a lookup did not find; True if it refreshed the listing.
         self.on_miss: Callable[[str], Awaitable[bool]] | None = None
+        # Called with (parent inode, name) of an entry that left the tree.
+        self.on_removed: Callable[[int, str], None] | None = None
         self.block_size = block_size
         # Prefetched blocks must fit in the cache next to the ones being read.
         self._max_window = max(0, min(readahead_blocks, cache.capacity // block_size // 2))
@@ -157,6 +159,8 @@ class ZohoFS:
         parent = self._nodes[node.parent]
         if parent.children.get(node.name) == node.ino:
             del parent.children[node.name]
+            if self.on_removed is not None:
+                self.on_removed(parent.ino, node.name)
             if not parent.children and parent.ino != ROOT_INODE:
                 self._detach(parent)
 

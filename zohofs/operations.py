@@ -72,9 +72,16 @@ class Operations(pyfuse3.Operations):
         # Set once the kernel's INIT request has been answered: settings the kernel takes
         # from that answer (such as readahead) can only be changed after it.
         self.initialised = trio.Event()
+        fs.on_removed = self._removed
 
     def init(self) -> None:
         self.initialised.set()
+
+    def _removed(self, parent: int, name: str) -> None:
+        # Without this the kernel would keep showing a backup that left the listing until
+        # its entry timed out. Asynchronous: called from inside request handlers.
+        if self.initialised.is_set():
+            pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
 
     @handler
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
