@@ -279,3 +279,13 @@ refresh_token = "{a.refresh_token}"
     assert (m.path / sister.zgid / sister.job_id / "Data_001.zip").read_bytes() == (
         sister.files["Data_001.zip"])
     assert len(emulator.issued) == 2
+
+
+def test_a_failed_listing_at_start_leaves_a_live_mount_that_catches_up(
+        oauth_mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
+    emulator.add_fault("status", status=500, reason="INTERNAL_ERROR", path="/backup/urls")
+    m = oauth_mount("--listing-interval", "1")
+    m.expect_log("cannot list backups")
+    assert "cannot list backups" in m.log
+    wait_for(lambda: os.listdir(m.path) == [ZGID], 15, "the next listing")
+    assert (m.path / JOB / "Data_001.zip").read_bytes() == backup.files["Data_001.zip"]

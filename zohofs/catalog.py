@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 # Names worth a listing call when they are missing: org and job ids are digits, files are
 # Zoho's parts. File managers probe `.hidden`, `desktop.ini` and such in every folder.
 _MAY_APPEAR = re.compile(r"^(\d+|[A-Za-z][A-Za-z0-9]*_\d{3,}\.zip)$")
+# After a listing that failed (or was cut short), the next try comes sooner than usual.
+RETRY_AFTER_FAILURE = 60.0
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Catalog:
         self._trusted = trusted
         self._on_demand_every = on_demand_every
         self._lock = trio.Lock()
-        self._last = -math.inf
+        self._next = -math.inf  # when run() lists again
         self._last_on_demand = -math.inf
 
     async def refresh(self) -> list[ZohofsError]:
@@ -56,13 +58,16 @@ class Catalog:
         not make a backup vanish from under a running copy.
         """
         async with self._lock:
-            self._last = trio.current_time()
+            started = trio.current_time()
+            self._next = started + min(self._interval, RETRY_AFTER_FAILURE)
             errors: list[ZohofsError] = []
             async with trio.open_nursery() as nursery:
                 for source in self._sources:
                     nursery.start_soon(self._list_one, source, errors)
             files = self._static + [f for s in self._sources for f in s.files or []]
             await self._fs.set_files(files)
+            if not errors:
+                self._next = started + self._interval
             return errors
 
     async def _list_one(self, source: AccountSource, errors: list[ZohofsError]) -> None:
@@ -97,10 +102,11 @@ class Catalog:
         return True
 
     async def run(self) -> None:
-        """Refresh every ``interval`` seconds, forever (runs in the mount's nursery)."""
+        """Refresh every ``interval`` seconds (sooner after a failure), forever; runs in the
+        mount's nursery."""
         while True:
-            await trio.sleep_until(self._last + self._interval)
-            if trio.current_time() >= self._last + self._interval:
+            await trio.sleep_until(self._next)
+            if trio.current_time() >= self._next:  # an on-demand listing may have moved it
                 try:
                     await self.refresh()
                 except Exception:  # in the top-level nursery: must never end the mount
