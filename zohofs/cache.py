@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable, Hashable
 
 import cachetools
 import trio
-
-log = logging.getLogger(__name__)
 
 
 class _Flight:
@@ -73,10 +70,6 @@ class BlockCache:
         """Keep a block that arrived without a fetch of its own (a streamed file)."""
         if len(data) <= self.capacity:
             self._blocks[key] = data
-
-    @property
-    def used(self) -> int:
-        return int(self._blocks.currsize)
 
 
 class _Abandoned(Exception):
