@@ -13,7 +13,7 @@ class _Flight:
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.data: bytes | None = None
+        self.data: memoryview | None = None
         self.error: BaseException | None = None
 
 
@@ -26,7 +26,7 @@ class BlockCache:
     """
 
     def __init__(self, capacity: int) -> None:
-        self._blocks: cachetools.LRUCache[Hashable, bytes] = cachetools.LRUCache(
+        self._blocks: cachetools.LRUCache[Hashable, memoryview] = cachetools.LRUCache(
             maxsize=capacity, getsizeof=len)
         self._flights: dict[Hashable, _Flight] = {}
         self.capacity = capacity
@@ -34,10 +34,11 @@ class BlockCache:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._blocks or key in self._flights
 
-    def peek(self, key: Hashable) -> bytes | None:
+    def peek(self, key: Hashable) -> memoryview | None:
         return self._blocks.get(key)
 
-    async def get(self, key: Hashable, fetch: Callable[[], Awaitable[bytes]]) -> bytes:
+    async def get(self, key: Hashable,
+                  fetch: Callable[[], Awaitable[memoryview]]) -> memoryview:
         while True:
             data = self._blocks.get(key)
             if data is not None:
@@ -66,7 +67,7 @@ class BlockCache:
             self._blocks[key] = flight.data
         return flight.data
 
-    def put(self, key: Hashable, data: bytes) -> None:
+    def put(self, key: Hashable, data: memoryview) -> None:
         """Keep a block that arrived without a fetch of its own (a streamed file)."""
         if len(data) <= self.capacity:
             self._blocks[key] = data

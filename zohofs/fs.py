@@ -338,7 +338,7 @@ class ZohoFS:
             self._prefetch(handle, index)
         if first == last:
             block = await self._block(handle, first)
-            return memoryview(block)[offset - first * bs:end - first * bs]
+            return block[offset - first * bs:end - first * bs]
         parts = [await self._block(handle, i) for i in range(first, last + 1)]
         return b"".join(parts)[offset - first * bs:end - first * bs]
 
@@ -346,7 +346,7 @@ class ZohoFS:
         # The validator is part of the key: bytes of two versions of a file never mix.
         return (handle.node.ino, handle.info.etag, handle.info.last_modified, index)
 
-    async def _block(self, handle: OpenFile, index: int) -> bytes:
+    async def _block(self, handle: OpenFile, index: int) -> memoryview:
         try:
             if not handle.info.ranges:
                 return await self._streamed_block(handle, index)
@@ -358,7 +358,7 @@ class ZohoFS:
                 handle.node.info = None
             raise
 
-    async def _fetch(self, handle: OpenFile, index: int) -> bytes:
+    async def _fetch(self, handle: OpenFile, index: int) -> memoryview:
         start = index * self.block_size
         length = min(self.block_size, handle.info.size - start)
         file = handle.file
@@ -370,7 +370,7 @@ class ZohoFS:
             check_expiry(file)  # the link may have expired while the request was out
             raise
 
-    async def _streamed_block(self, handle: OpenFile, index: int) -> bytes:
+    async def _streamed_block(self, handle: OpenFile, index: int) -> memoryview:
         """A block of a file whose server ignores Range: read the whole-file answer up to
         it, keeping every block passed on the way. Correct bytes, at the price of starting
         over from byte 0 when a reader goes back past what the cache still holds."""

@@ -138,7 +138,7 @@ class RangeReader:
         return await self._with_retries(url, {"Range": "bytes=0-0"}, tokens, _read_probe)
 
     async def fetch(self, url: str, start: int, length: int, info: RemoteInfo,
-                    tokens: TokenSource) -> bytes:
+                    tokens: TokenSource) -> memoryview:
         """Exactly the bytes ``[start, start+length)`` of the file ``info`` describes."""
         if length <= 0 or start < 0 or start + length > info.size:
             raise BadAnswer(f"range {start}+{length} outside a file of {info.size} bytes")
@@ -151,7 +151,7 @@ class RangeReader:
             headers["If-Unmodified-Since"] = email.utils.formatdate(info.last_modified,
                                                                      usegmt=True)
 
-        def read(response: http.client.HTTPResponse, url: str) -> bytes:
+        def read(response: http.client.HTTPResponse, url: str) -> memoryview:
             return _read_range(response, url, start, length, info)
 
         return await self._with_retries(url, headers, tokens, read)
@@ -223,7 +223,7 @@ class WholeFileStream:
         self.info = info
         self.position = 0
 
-    async def read(self, length: int) -> bytes:
+    async def read(self, length: int) -> memoryview:
         data = await trio.to_thread.run_sync(self._body.read, length, abandon_on_cancel=True)
         self.position += length
         return data
@@ -304,7 +304,7 @@ def _read_probe(response: http.client.HTTPResponse, url: str) -> RemoteInfo:
 
 
 def _read_range(response: http.client.HTTPResponse, url: str, start: int, length: int,
-                info: RemoteInfo) -> bytes:
+                info: RemoteInfo) -> memoryview:
     where = f"{redact_url(url)} bytes {start}-{start + length - 1}"
     status = response.status
     if status in (412, 416):
