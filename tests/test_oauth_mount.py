@@ -284,7 +284,8 @@ refresh_token = "{a.refresh_token}"
 def test_a_failed_listing_at_start_leaves_a_live_mount_that_catches_up(
         oauth_mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
     emulator.add_fault("status", status=500, reason="INTERNAL_ERROR", path="/backup/urls")
-    m = oauth_mount("--listing-interval", "1")
+    # The regular listing is an hour away: only the early retry can bring the backup.
+    m = oauth_mount("--listing-interval", "3600", env={"ZOHOFS_LOOKUP_REFRESH_INTERVAL": "1"})
     m.expect_log("cannot list backups")
     assert "cannot list backups" in m.log
     wait_for(lambda: os.listdir(m.path) == [ZGID], 15, "the next listing")

@@ -13,6 +13,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from zohofs.auth import token_lifetime
 from zohofs.config import MiB, parse_size
 from zohofs.emulator.backup import generate
 from zohofs.errors import (
@@ -120,6 +121,14 @@ def test_readahead_grows_forward_and_resets_on_jumps() -> None:
     ra.advise(500 * MiB + 4096, 4096)
     # The kernel's readahead arrives slightly out of order: still sequential.
     assert ra.advise(500 * MiB, 4096) > 0
+
+
+def test_token_lifetimes_old_and_new() -> None:
+    assert token_lifetime({"expires_in": 3600}) == 3600
+    # Older servers: seconds in expires_in_sec, milliseconds in expires_in.
+    assert token_lifetime({"expires_in_sec": 3600, "expires_in": 3600000}) == 3600
+    assert token_lifetime({"expires_in": 3600000}) == 3600
+    assert token_lifetime({}) == 3600 and token_lifetime({"expires_in": "soon"}) == 3600
 
 
 def test_sizes() -> None:

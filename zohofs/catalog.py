@@ -24,8 +24,6 @@ log = logging.getLogger(__name__)
 # Names worth a listing call when they are missing: org and job ids are digits, files are
 # Zoho's parts. File managers probe `.hidden`, `desktop.ini` and such in every folder.
 _MAY_APPEAR = re.compile(r"^(\d+|[A-Za-z][A-Za-z0-9]*_\d{3,}\.zip)$")
-# After a listing that failed (or was cut short), the next try comes sooner than usual.
-RETRY_AFTER_FAILURE = 60.0
 
 
 @dataclass
@@ -59,7 +57,9 @@ class Catalog:
         """
         async with self._lock:
             started = trio.current_time()
-            self._next = started + min(self._interval, RETRY_AFTER_FAILURE)
+            # A listing that fails (or is cut short) is tried again sooner than usual, as
+            # often as a missed lookup may ask for one.
+            self._next = started + min(self._interval, self._on_demand_every)
             errors: list[ZohofsError] = []
             async with trio.open_nursery() as nursery:
                 for source in self._sources:

@@ -282,15 +282,15 @@ class ZohoFS:
 
         Listings change under an open directory (a new backup, an old one leaving): keyed
         by inode, that never makes a reader skip or repeat an entry."""
-        node = self._node(ino)
-        if not node.is_dir:
-            raise NoSuchEntry("not a directory")
+        node = self.directory(ino)
         entries = sorted((child, name) for name, child in node.children.items() if child > start)
         return [(name, self.attr(self._nodes[child]), child) for child, name in entries]
 
-    def check_dir(self, ino: int) -> None:
-        if not self._node(ino).is_dir:
+    def directory(self, ino: int) -> Node:
+        node = self._node(ino)
+        if not node.is_dir:
             raise NoSuchEntry("not a directory")
+        return node
 
     def statfs(self) -> tuple[int, int, int]:
         """(block size, total blocks, file count)."""

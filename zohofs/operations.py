@@ -105,7 +105,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def opendir(self, inode: int, ctx: Any) -> int:
-        self.fs.check_dir(inode)
+        self.fs.directory(inode)
         return inode
 
     @handler

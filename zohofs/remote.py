@@ -235,10 +235,7 @@ class WholeFileStream:
 def _open_whole(response: http.client.HTTPResponse, url: str, info: RemoteInfo) -> OpenBody:
     if response.status != 200:
         _raise_for_status(response, url)
-    etag, mtime = _validators(response)
-    if (info.etag and etag != info.etag) or (
-            info.etag is None and info.last_modified and mtime != info.last_modified):
-        raise RemoteChanged(f"{redact_url(url)}: the file changed on the server")
+    _check_unchanged(response, info, redact_url(url))
     if response.length != info.size or not _is_identity(response):
         raise BadAnswer(f"{redact_url(url)}: whole-file answer of {response.length} bytes "
                         f"({response.headers.get('Content-Encoding', 'identity')}), expected "
@@ -272,6 +269,17 @@ def _raise_for_status(response: http.client.HTTPResponse, url: str) -> None:
 def _validators(response: http.client.HTTPResponse) -> tuple[str | None, float | None]:
     return (response.headers.get("ETag"),
             parse_http_date(response.headers.get("Last-Modified")))
+
+
+def _check_unchanged(response: http.client.HTTPResponse, info: RemoteInfo, where: str) -> None:
+    """RemoteChanged if the answer's validator differs from the one pinned at probe time.
+
+    An answer without one proves nothing either way; its size is checked separately."""
+    etag, mtime = _validators(response)
+    if (info.etag and etag and etag != info.etag) or (
+            info.etag is None and info.last_modified and mtime and mtime != info.last_modified):
+        raise RemoteChanged(f"{where}: the file changed on the server (validator "
+                            f"{info.etag or info.last_modified} -> {etag or mtime})")
 
 
 def _read_probe(response: http.client.HTTPResponse, url: str) -> RemoteInfo:
@@ -313,11 +321,7 @@ def _read_range(response: http.client.HTTPResponse, url: str, start: int, length
                             status=status)
     if status not in (200, 206):
         _raise_for_status(response, url)
-    etag, mtime = _validators(response)
-    if (info.etag and etag and etag != info.etag) or (
-            info.etag is None and info.last_modified and mtime and mtime != info.last_modified):
-        raise RemoteChanged(f"{where}: the file changed on the server (validator "
-                            f"{info.etag or info.last_modified} -> {etag or mtime})")
+    _check_unchanged(response, info, where)
     if not _is_identity(response):
         raise BadAnswer(f"{where}: encoded answer "
                         f"({response.headers.get('Content-Encoding')}) refused")

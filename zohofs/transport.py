@@ -14,6 +14,7 @@ import ssl
 import threading
 from collections.abc import Callable, Mapping
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from zohofs.errors import TransportError
 from zohofs.hosts import host_port
@@ -67,8 +68,8 @@ class Transport:
         fresh one (the request never reached the server, so this is always safe).
         """
         key = host_port(url)
-        target = url.split("://", 1)[1]
-        target = target[target.find("/"):] if "/" in target else "/"
+        parts = urlsplit(url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         for _attempt in range(2):
             conn, reused = self._checkout(key)
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -120,19 +121,22 @@ async def list_backup(client: httpx.AsyncClient, api_url: str, version: int,
     a download host we trust, or not of Zoho's shape, are refused one by one.
     """
     url = f"{api_url}/crm/bulk/v{version}/backup/urls"
-    for attempt in range(2):
-        token = await tokens.token()
+
+    async def get(token: str) -> httpx.Response:
         try:
-            response = await client.get(url, headers={
+            return await client.get(url, headers={
                 "Authorization": authorization_header(token), "Accept": "application/json"})
         except httpx.HTTPError as exc:
             raise DiscoveryError(f"cannot reach {httpx.URL(url).host}: "
                                  f"{type(exc).__name__}: {exc}") from None
+
+    token = await tokens.token()
+    response = await get(token)
+    code = _error_code(response) if response.status_code >= 400 else ""
+    # An access token that expired under us is renewed once, then tried again.
+    if response.status_code == 401 and code == "INVALID_TOKEN" and await tokens.rejected(token):
+        response = await get(await tokens.token())
         code = _error_code(response) if response.status_code >= 400 else ""
-        if response.status_code == 401 and code == "INVALID_TOKEN" and attempt == 0 \
-                and await tokens.rejected(token):
-            continue
-        break
     if response.status_code == 204:
         return []
     if response.status_code in (401, 403):
@@ -153,7 +157,7 @@ def parse_listing(content: bytes, downloads: HostPolicy, account: str = "") -> l
         raise DiscoveryError(f"backup URLs answer of {len(content)} bytes refused "
                              "(not a URL list)")
     try:
-        body: Any = httpx.Response(200, content=content).json()
+        body: Any = json.loads(content)
     except ValueError:
         raise DiscoveryError("backup URLs answer is not JSON") from None
     urls = body.get("urls") if isinstance(body, dict) else None

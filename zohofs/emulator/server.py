@@ -275,26 +275,27 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.emulator.requests.append(
             Request(self.command, self.path, dict(self.headers.items()), status))
 
-    def _error(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
-        body = (f'{{"code":"{reason}","details":{{}},"message":"{reason}",'
-                f'"status":"error"}}').encode()
+    def _send(self, status: int, body: bytes = b"", reason: str | None = None,
+              headers: dict[str, str] | None = None) -> None:
+        """A complete small answer (everything but file bodies), logged."""
         self._record(status)
         self.send_response(status, reason)
         for k, v in (headers or {}).items():
             self.send_header(k, v)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
+        if status != 204:
+            self.send_header("Content-Type", "application/json;charset=UTF-8")
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
-    def _json(self, status: int, body: object, reason: str | None = None) -> None:
-        data = json.dumps(body).encode()
-        self._record(status)
-        self.send_response(status, reason)
-        self.send_header("Content-Type", "application/json;charset=UTF-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+    def _json(self, status: int, body: object, reason: str | None = None,
+              headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(body).encode(), reason, headers)
+
+    def _error(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        # Zoho's shape; the download host also puts the code in the reason phrase.
+        self._json(status, {"code": reason, "details": {}, "message": reason,
+                            "status": "error"}, reason, headers)
 
     def _not_get(self) -> None:
         self._error(400, "INVALID_REQUEST_METHOD")
@@ -397,19 +398,9 @@ class _Handler(BaseHTTPRequestHandler):
                                     "message": "invalid oauth token", "status": "error"})
         if what == "/urls":
             if emu.listing_override is not None:
-                status, raw = emu.listing_override
-                self._record(status)
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-                return None
+                return self._send(*emu.listing_override)
             if zgid in emu.no_backup or zgid not in emu.current_job:
-                self._record(204)
-                self.send_response(204)
-                self.end_headers()
-                return None
+                return self._send(204)
             return self._json(200, emu.listing(zgid))
         job = emu.current_job.get(zgid, "0")
         if what == "/history":
