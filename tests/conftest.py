@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Mount, is_mounted, wait_for, zohofs_mounts
+from tests.helpers import Mount, is_mounted, started_mounts, wait_for
 from zohofs.emulator.backup import Backup, generate
 from zohofs.emulator.server import EmulatedAccount, Emulator
 
@@ -24,8 +24,10 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def no_mount_left_behind() -> Iterator[None]:
+    """Only the mount points this suite made are checked and cleaned: a machine may have
+    other zohofs mounts (a production /zoho) that are none of its business."""
     yield
-    leftover = zohofs_mounts()
+    leftover = [str(p) for p in started_mounts() if is_mounted(p)]
     for path in leftover:
         subprocess.run(["fusermount3", "-uz", path], capture_output=True, check=False)
     assert not leftover, f"mounts left behind by the suite: {leftover}"

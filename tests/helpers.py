@@ -33,9 +33,12 @@ def is_mounted(path: Path) -> bool:
         return any(line.split()[1] == target for line in f)
 
 
-def zohofs_mounts() -> list[str]:
-    with open("/proc/mounts") as f:
-        return [line.split()[1] for line in f if "zohofs" in line.split()[0] + line.split()[2]]
+_STARTED: list[Path] = []
+
+
+def started_mounts() -> list[Path]:
+    """Every mount point a Mount of this process used."""
+    return list(_STARTED)
 
 
 def sha256(data: bytes) -> str:
@@ -58,6 +61,7 @@ class Mount:
         self.path = path
         self.log_path = log_path
         self.expected_log: list[str] = []
+        _STARTED.append(path)
         self._log = open(log_path, "wb")  # noqa: SIM115 (lives as long as the mount)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "zohofs", "mount", str(path), *args],

@@ -146,7 +146,7 @@ async def test_concurrent_reads_of_a_block_cost_one_get(
     fs = fs_for(emulator, url, readahead=0)
     await fs.probe_all()
     node = fs.files[0]
-    handles = [await fs.open(node.ino, 0) for _ in range(8)]
+    handles = [(await fs.open(node.ino, 0))[0] for _ in range(8)]
     results: list[bytes] = []
 
     async def read(fh: int) -> None:
@@ -166,7 +166,7 @@ async def test_sequential_reads_prefetch_ahead(
         emulator: Emulator, backup: Backup, url: str) -> None:
     fs = fs_for(emulator, url, readahead=2)
     await fs.probe_all()
-    fh = await fs.open(fs.files[0].ino, 0)
+    fh, _ = await fs.open(fs.files[0].ino, 0)
     async with trio.open_nursery() as nursery:
         fs.start(nursery)
         assert bytes(await fs.read(fh, 0, 4096)) == backup.files[NAME][:4096]
@@ -199,6 +199,6 @@ async def test_any_read_returns_the_servers_bytes(
     data = backup.files[NAME]
     async with trio.open_nursery() as nursery:
         fs.start(nursery)
-        fh = await fs.open(fs.files[0].ino, os.O_RDONLY)
+        fh, _ = await fs.open(fs.files[0].ino, os.O_RDONLY)
         for offset, size in reads:
             assert bytes(await fs.read(fh, offset, size)) == data[offset:offset + size]

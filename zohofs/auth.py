@@ -16,7 +16,13 @@ from typing import Any, Protocol
 import httpx
 import trio
 
-from zohofs.errors import ConfigError, SignInError, SignInThrottled, TransportError
+from zohofs.errors import (
+    ConfigError,
+    SignInError,
+    SignInThrottled,
+    SignInUnavailable,
+    TransportError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +83,8 @@ class RefreshLimits:
     throttle_pause: float = 1200.0  # Zoho's lock-out lasts 15-30 minutes
     failure_pause: float = 60.0  # a refused refresh token is not asked about again sooner
     margin: float = 300.0  # renew this long before expiry (less for short-lived tokens)
+    outage_pause: float = 10.0  # Accounts unreachable: first pause, doubling per failure
+    max_outage_pause: float = 300.0
 
 
 _ERROR_ADVICE = {
@@ -159,6 +167,7 @@ class OAuthTokens:
         self._recent: deque[float] = deque()
         self._paused_until = -math.inf
         self._pause_error: SignInError | None = None
+        self._outages = 0  # failures in a row to reach Zoho Accounts
         self.api_domain: str | None = None
         self.refreshes = 0
 
@@ -214,6 +223,16 @@ class OAuthTokens:
             if not isinstance(token, str) or not token or any(c.isspace() for c in token):
                 raise SignInError(f"{self._name}: Zoho Accounts answered without a usable "
                                   "access token")
+        except TransportError as exc:
+            # Zoho Accounts is down or unreachable: no token was issued, so this attempt
+            # does not count against the budget, and the next waits longer (while the
+            # current token, if still valid, goes on being used).
+            self._recent.pop()
+            pause = min(self._limits.max_outage_pause,
+                        self._limits.outage_pause * 2 ** self._outages)
+            self._outages += 1
+            self._pause(now, pause, SignInUnavailable(f"{self._name}: {exc}"), usable)
+            return
         except SignInThrottled as exc:
             self._pause(now, self._limits.throttle_pause, exc, usable)
             return
@@ -221,6 +240,7 @@ class OAuthTokens:
             self._pause(now, self._limits.failure_pause, exc, usable)
             return
         lifetime = token_lifetime(body)
+        self._outages = 0
         self._token = token
         self._expires_at = now + lifetime
         self._renew_at = now + lifetime - min(self._limits.margin, lifetime / 10)
@@ -235,6 +255,6 @@ class OAuthTokens:
         unless the current token is still ``usable``)."""
         self._paused_until = now + seconds
         self._pause_error = error
-        log.error("%s (not asking again for %d s)", error, seconds)
+        log.log(error.log_level, "%s (not asking again for %d s)", error, seconds)
         if not usable:
             raise error

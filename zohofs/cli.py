@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import getpass
 import logging
 import os
 import re
 import signal
 import socket
+import stat
+import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -112,7 +115,10 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
                    help="also send the token to this host (repeatable)")
     p.add_argument("--connections", type=int, metavar="N", help="parallel GETs per host (4)")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
-                   help="socket timeout of one HTTP request (30)")
+                   help="longest one HTTP request may take, body included (30)")
+    p.add_argument("--read-timeout", type=float, metavar="SECONDS",
+                   help="longest one read or stat may take, retries included, before it "
+                        "fails with EIO (60)")
     p.add_argument("--retries", type=int, metavar="N",
                    help="attempts per request on transient errors (5)")
     p.add_argument("--retry-delay", type=float, metavar="SECONDS",
@@ -150,7 +156,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "block_size": getattr(args, "block_size", None),
         "readahead": getattr(args, "readahead", None),
         "page_cache": getattr(args, "page_cache", None),
-        "connections": args.connections, "timeout": args.timeout, "retries": args.retries,
+        "connections": args.connections, "timeout": args.timeout,
+        "read_timeout": args.read_timeout, "retries": args.retries,
         "retry_delay": args.retry_delay, "ca_file": args.ca_file,
         "trust_hosts": args.trust_host,
         "fuse_options": [o for opt in options for o in opt.split(",") if o] if options else None,
@@ -172,10 +179,39 @@ def config_from_args(args: argparse.Namespace) -> Config:
 # -- mount ---------------------------------------------------------------------------------
 
 def _check_mountpoint(path: str) -> None:
-    if not os.path.isdir(path):
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN and _mount_type(path) == "fuse.zohofs":
+            # A zohofs that was killed left its mount behind ("Transport endpoint is not
+            # connected"): nobody serves it, so it is safe to take away.
+            log.warning("%s: removing a dead zohofs mount left by a process that ended", path)
+            result = subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True,
+                                    text=True, check=False)
+            if result.returncode != 0:
+                raise ConfigError(f"{path} holds a dead zohofs mount that could not be "
+                                  f"removed: {result.stderr.strip()}") from None
+            return _check_mountpoint(path)
+        if exc.errno == errno.ENOENT:
+            raise ConfigError(f"mount point {path} does not exist: create it first "
+                              f"(mkdir -p {path})") from None
+        raise ConfigError(f"cannot use mount point {path}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"mount point {path} is not a directory")
-    if os.path.ismount(path):
+    if _mount_type(path) is not None:
         raise ConfigError(f"{path} is already a mount point")
+
+
+def _mount_type(path: str) -> str | None:
+    """The filesystem type mounted at ``path`` (from mountinfo: no stat of the mount), or
+    None when nothing is mounted there."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if _unescape_mountinfo(fields[4]) == path:
+                found = fields[fields.index("-") + 1]  # the last one mounted wins
+    return found
 
 
 def _notify_systemd(state: str) -> None:

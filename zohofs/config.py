@@ -78,7 +78,8 @@ class Config:
     block_size: int = DEFAULT_BLOCK_SIZE
     readahead_blocks: int = 4
     connections: int = 4
-    timeout: float = 30.0
+    timeout: float = 30.0  # one HTTP request, start to end of its body
+    read_timeout: float = 60.0  # one read() or stat(), retries included
     retries: int = 5
     retry_base_delay: float = 0.25
     direct_io: bool = True
@@ -95,8 +96,10 @@ class Config:
         for name in ("connections", "retries", "api_version"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
-        if self.readahead_blocks < 0 or self.timeout <= 0 or self.listing_interval <= 0:
-            raise ConfigError("readahead, timeout and listing_interval must be positive")
+        if (self.readahead_blocks < 0 or self.timeout <= 0 or self.read_timeout <= 0
+                or self.listing_interval <= 0):
+            raise ConfigError("readahead, timeout, read_timeout and listing_interval must be "
+                              "positive")
 
     def ssl_context(self) -> ssl.SSLContext:
         """Verifying TLS: the system's CAs (``SSL_CERT_FILE`` honoured) plus ``ca_file``."""
@@ -237,7 +240,8 @@ SETTINGS: dict[str, Callable[[Any], Any]] = {
     "listing_interval": _number, "lookup_refresh_interval": _number,
     "cache_size": lambda v: parse_size(v, MiB),
     "block_size": parse_size, "readahead": _integer, "connections": _integer,
-    "timeout": _number, "retries": _integer, "retry_delay": _number, "page_cache": _boolean,
+    "timeout": _number, "read_timeout": _number, "retries": _integer, "retry_delay": _number,
+    "page_cache": _boolean,
     "ca_file": _string, "trust_hosts": _strings, "fuse_options": _strings, "links": _strings,
     "links_file": _string,
 }

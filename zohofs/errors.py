@@ -8,7 +8,8 @@ Exception tree (each class carries its errno and the log level it deserves)::
     ├── NoSuchEntry                  ENOENT  a name that is not in the tree
     ├── NoAttribute                  ENODATA a missing xattr
     ├── SignInError                  EACCES  Zoho Accounts refused the refresh token or client
-    │   └── SignInThrottled          EBUSY   too many token refreshes: waiting it out
+    │   ├── SignInThrottled          EBUSY   too many token refreshes: waiting it out
+    │   └── SignInUnavailable        EIO     Zoho Accounts unreachable or failing (5xx)
     ├── DiscoveryError               EIO     the backup URLs API failed or answered nonsense
     └── RemoteError                  EIO     anything the download host did wrong
         ├── AccessDenied             EACCES  401 / 403
@@ -17,6 +18,7 @@ Exception tree (each class carries its errno and the log level it deserves)::
         ├── ServerError              EIO     5xx
         ├── Throttled                EBUSY   429 (after retries)
         ├── TransportError           EIO     connection refused, reset, timeout, truncated body
+        ├── ReadTimeout              EIO     a read (retries included) outlived the read deadline
         ├── BadAnswer                EIO     an answer zohofs must not trust (wrong range, length)
         └── RemoteChanged            ESTALE  the file's validator changed under an open file
 
@@ -67,6 +69,13 @@ class SignInThrottled(SignInError):
     log_level = logging.WARNING
 
 
+class SignInUnavailable(SignInError):
+    """Zoho Accounts could not be asked (network, 5xx): worth asking again later."""
+
+    errno = _errno.EIO
+    log_level = logging.WARNING
+
+
 class DiscoveryError(ZohofsError):
     """The backup URLs API failed, or answered something we refuse to trust."""
 
@@ -109,6 +118,10 @@ class Throttled(RemoteError):
 
 class TransportError(RemoteError):
     transient = True
+
+
+class ReadTimeout(RemoteError):
+    """A read, or the probe behind a stat or open, outlived the read deadline."""
 
 
 class BadAnswer(RemoteError):

@@ -6,11 +6,20 @@ translates to and from pyfuse3's types.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Container,
+    Hashable,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -20,9 +29,11 @@ from zohofs.auth import TokenSource
 from zohofs.cache import BlockCache
 from zohofs.errors import (
     AccessDenied,
+    BadAnswer,
     LinkExpired,
     NoSuchEntry,
     ReadOnly,
+    ReadTimeout,
     RemoteChanged,
     TransportError,
     ZohofsError,
@@ -41,6 +52,9 @@ LINK_LIFETIME = timedelta(days=7)
 # that the next access asks (and probes) again.
 GOOD_TIMEOUT = 60.0
 FAILED_TIMEOUT = 0.0
+# Default for how long one read (or the probe behind a stat or open) may take in all,
+# retries included, before it fails with EIO: readers waiting on FUSE cannot be killed.
+READ_DEADLINE = 60.0
 
 
 @dataclass(frozen=True)
@@ -69,7 +83,11 @@ class Node:
     children: dict[str, int] = field(default_factory=dict)
     info: RemoteInfo | None = None
     error: ZohofsError | None = None
+    failed_at: float = -1.0  # when ``error`` was last raised by a probe
     probe_lock: trio.Lock = field(default_factory=trio.Lock)
+    # The version whose pages the kernel may hold (page-cache mode): a new version's first
+    # open must make the kernel drop them.
+    kernel_version: Hashable | None = None
     # Only for servers that ignore Range: the whole-file answer being read, and its lock.
     stream: WholeFileStream | None = None
     stream_lock: trio.Lock = field(default_factory=trio.Lock)
@@ -85,17 +103,24 @@ class OpenFile:
     file: BackupFile  # as it was at open: a later listing may bring a new link
     info: RemoteInfo
     readahead: Readahead
+    # What the cache keys of this handle's blocks say about the version: the validators,
+    # or for a server that sends none, this open alone (nothing proves two opens saw the
+    # same bytes, so they share no blocks).
+    version: Hashable = None
 
 
-def stable_inode(path: str, taken: Iterable[int]) -> int:
+def validated(info: RemoteInfo) -> bool:
+    return info.etag is not None or info.last_modified is not None
+
+
+def stable_inode(path: str, taken: Container[int]) -> int:
     """An inode number derived from the path, so it is the same on every mount.
 
     Backup tools compare inode numbers between runs; the mount time must not change them.
     """
-    used = set(taken)
     digest = int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "big")
     ino = (digest & (2**63 - 1)) or 2
-    while ino <= ROOT_INODE or ino in used:  # a 63-bit collision: still deterministic
+    while ino <= ROOT_INODE or ino in taken:  # a 63-bit collision: still deterministic
         ino = (ino + 1) & (2**63 - 1)
     return ino
 
@@ -103,7 +128,8 @@ def stable_inode(path: str, taken: Iterable[int]) -> int:
 class ZohoFS:
     def __init__(self, reader: RangeReader, cache: BlockCache,
                  tokens: Mapping[str, TokenSource], *, block_size: int,
-                 readahead_blocks: int, uid: int | None = None, gid: int | None = None) -> None:
+                 readahead_blocks: int, uid: int | None = None, gid: int | None = None,
+                 read_deadline: float = READ_DEADLINE) -> None:
         self._reader = reader
         self._cache = cache
         self._tokens = tokens
@@ -111,7 +137,10 @@ class ZohoFS:
         self.on_miss: Callable[[str], Awaitable[bool]] | None = None
         # Called with (parent inode, name) of an entry that left the tree.
         self.on_removed: Callable[[int, str], None] | None = None
+        # Called with the inode of a file whose content changed on the server.
+        self.on_changed: Callable[[int], None] | None = None
         self.block_size = block_size
+        self.read_deadline = read_deadline
         # Prefetched blocks must fit in the cache next to the ones being read.
         self._max_window = max(0, min(readahead_blocks, cache.capacity // block_size // 2))
         self._uid = os.getuid() if uid is None else uid
@@ -211,17 +240,27 @@ class ZohoFS:
 
     async def _probe(self, node: Node) -> RemoteInfo:
         assert node.file is not None
+        asked = trio.current_time()
         async with node.probe_lock:  # one probe per file, however many callers ask
             if node.info is not None:
                 return node.info
+            if node.error is not None and node.failed_at >= asked:
+                # It failed while we queued for it: callers that asked together share one
+                # failure instead of probing a failing server one after another.
+                raise node.error
             try:
                 check_expiry(node.file)
-                node.info = await self._reader.probe(node.file.url,
-                                                     self._tokens[node.file.account])
+                with self._deadline(f"{node.file.path}: probing its size"):
+                    node.info = await self._reader.probe(node.file.url,
+                                                         self._tokens[node.file.account])
             except ZohofsError as exc:
-                node.error = exc
+                node.error, node.failed_at = exc, trio.current_time()
                 raise
             node.error = None
+            if not validated(node.info):
+                log.warning("%s: the server sends neither ETag nor Last-Modified: a change "
+                            "of the file on the server cannot be detected; each open reads "
+                            "it afresh", node.file.path)
             log.debug("%s: %d bytes (%s)", node.file.path, node.info.size,
                       redact_url(node.file.url))
             return node.info
@@ -299,20 +338,27 @@ class ZohoFS:
 
     # -- data --------------------------------------------------------------------------
 
-    async def open(self, ino: int, flags: int) -> int:
+    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
+        """A new file handle, and whether the kernel may keep the pages it cached of
+        this file: only when they are of the same version as what this handle reads."""
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
             raise ReadOnly("zohofs is read-only")
         node = self._node(ino)
         if node.is_dir:
             raise NoSuchEntry("is a directory")
+        if node.info is not None and not validated(node.info):
+            node.info = None  # nothing pins the version: learn the size afresh
         info = await self._probe(node)
         assert node.file is not None
         check_expiry(node.file)
         fh = self._next_fh
         self._next_fh += 1
+        version = (info.etag, info.last_modified) if validated(info) else ("open", fh)
+        keep_cache = validated(info) and node.kernel_version == version
+        node.kernel_version = version
         self._open[fh] = OpenFile(node, node.file, info,
-                                  Readahead(self._max_window, self.block_size))
-        return fh
+                                  Readahead(self._max_window, self.block_size), version)
+        return fh, keep_cache
 
     def release(self, fh: int) -> None:
         handle = self._open.pop(fh, None)
@@ -322,10 +368,25 @@ class ZohoFS:
             node.stream = None
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
-        """Exactly ``size`` bytes at ``offset``, fewer only at end of file."""
+        """Exactly ``size`` bytes at ``offset``, fewer only at end of file; within the read
+        deadline, or ReadTimeout."""
         handle = self._open.get(fh)
         if handle is None:
             raise NoSuchEntry(f"no open file {fh}")
+        with self._deadline(f"{handle.file.path}: reading {size} bytes at {offset}"):
+            return await self._read(handle, offset, size)
+
+    @contextlib.contextmanager
+    def _deadline(self, what: str) -> Iterator[None]:
+        """Fail with ReadTimeout (EIO) when the body takes longer than the read deadline."""
+        with trio.move_on_after(self.read_deadline) as scope:
+            yield
+        if scope.cancelled_caught:
+            raise ReadTimeout(f"{what}: gave up after the {self.read_deadline:g} s read "
+                              "deadline (the server is too slow or not answering; "
+                              "see --read-timeout)")
+
+    async def _read(self, handle: OpenFile, offset: int, size: int) -> bytes | memoryview:
         info = handle.info
         end = min(offset + size, info.size)
         if offset >= end:
@@ -343,8 +404,8 @@ class ZohoFS:
         return b"".join(parts)[offset - first * bs:end - first * bs]
 
     def _key(self, handle: OpenFile, index: int) -> Hashable:
-        # The validator is part of the key: bytes of two versions of a file never mix.
-        return (handle.node.ino, handle.info.etag, handle.info.last_modified, index)
+        # The version is part of the key: bytes of two versions of a file never mix.
+        return (handle.node.ino, handle.version, index)
 
     async def _block(self, handle: OpenFile, index: int) -> memoryview:
         try:
@@ -352,10 +413,14 @@ class ZohoFS:
                 return await self._streamed_block(handle, index)
             return await self._cache.get(self._key(handle, index),
                                          lambda: self._fetch(handle, index))
-        except RemoteChanged:
-            # Open handles keep failing with ESTALE; the next open probes the new version.
-            if handle.node.info is handle.info:
-                handle.node.info = None
+        except (RemoteChanged, BadAnswer) as exc:
+            # Open handles keep failing; the next open probes again (a new version, or
+            # a server that answers sensibly again) instead of trusting this probe.
+            node = handle.node
+            if node.info is handle.info:
+                node.info = None
+                if isinstance(exc, RemoteChanged) and self.on_changed is not None:
+                    self.on_changed(node.ino)
             raise
 
     async def _fetch(self, handle: OpenFile, index: int) -> memoryview:
@@ -410,7 +475,8 @@ class ZohoFS:
 
     async def _prefetch_block(self, handle: OpenFile, index: int) -> None:
         try:
-            await self._block(handle, index)
+            with trio.move_on_after(self.read_deadline):
+                await self._block(handle, index)
         except ZohofsError as exc:
             # The reader that needs this block will fetch it again and report the error.
             log.debug("prefetch of block %d failed: %s", index, exc)

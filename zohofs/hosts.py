@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from zohofs.errors import ConfigError
+from zohofs.logs import redact_url
 
 
 @dataclass(frozen=True)
@@ -47,14 +48,17 @@ def is_loopback(host: str) -> bool:
 
 def host_port(url: str) -> tuple[str, str, int]:
     """(scheme, host, port) of a URL, with the scheme's default port filled in."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # such as a bracketed host that is not an IPv6 address
+        raise ConfigError(f"malformed URL: {redact_url(url)}") from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"not an http(s) URL: {url}")
+        raise ConfigError(f"not an http(s) URL: {redact_url(url)}")
     try:
         port = parts.port
     except ValueError as exc:
-        raise ConfigError(f"bad port in URL: {url}") from exc
+        raise ConfigError(f"bad port in URL: {redact_url(url)}") from exc
     return scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80)
 
 
@@ -79,7 +83,7 @@ class HostPolicy:
         """Refuse a link we would not send the token to, saying why."""
         scheme, host, port = host_port(url)
         if scheme != "https" and not is_loopback(host):
-            raise ConfigError(f"refusing plain http link {url}: only https is allowed "
+            raise ConfigError(f"refusing plain http link {redact_url(url)}: only https is allowed "
                               "(plain http only for loopback test servers)")
         if not self.may_send_token(url):
             raise ConfigError(

@@ -39,5 +39,8 @@ def setup(debug: bool) -> None:
 
 def redact_url(url: str) -> str:
     """The URL without query and fragment: those are where tokens hide."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<malformed URL>"
     return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))

@@ -6,6 +6,7 @@ import errno
 import functools
 import logging
 import os
+import threading
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -46,6 +47,13 @@ def handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[An
     return wrapper
 
 
+def _invalidate_inode(ino: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(ino)
+    except OSError as exc:
+        log.debug("could not invalidate inode %d: %s", ino, exc)
+
+
 def entry(attr: Attr) -> pyfuse3.EntryAttributes:
     e = pyfuse3.EntryAttributes()
     e.st_ino = attr.ino
@@ -73,6 +81,7 @@ class Operations(pyfuse3.Operations):
         # from that answer (such as readahead) can only be changed after it.
         self.initialised = trio.Event()
         fs.on_removed = self._removed
+        fs.on_changed = self._changed
 
     def init(self) -> None:
         self.initialised.set()
@@ -82,6 +91,14 @@ class Operations(pyfuse3.Operations):
         # its entry timed out. Asynchronous: called from inside request handlers.
         if self.initialised.is_set():
             pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
+
+    def _changed(self, ino: int) -> None:
+        # The kernel may hold pages and the size of the old version. Called from inside the
+        # read that found out, whose pages the kernel keeps locked until we answer: a
+        # synchronous invalidation there would wait for itself, so it runs in a thread.
+        if self.initialised.is_set():
+            threading.Thread(target=_invalidate_inode, args=(ino,), daemon=True,
+                             name="zohofs-invalidate").start()
 
     @handler
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
@@ -120,10 +137,8 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        fh = await self.fs.open(inode, flags)
-        # The content behind an open handle is pinned by its validator, so the kernel may
-        # keep its page cache across opens.
-        return pyfuse3.FileInfo(fh=fh, direct_io=self.direct_io, keep_cache=True)
+        fh, keep_cache = await self.fs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, direct_io=self.direct_io, keep_cache=keep_cache)
 
     @handler
     async def read(  # type: ignore[override]

@@ -11,7 +11,7 @@ import http.client
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urljoin
@@ -23,20 +23,27 @@ from zohofs.auth import TokenSource, authorization_header
 from zohofs.errors import (
     AccessDenied,
     BadAnswer,
+    ConfigError,
     RemoteChanged,
     RemoteError,
+    Throttled,
+    TransportError,
     error_for_status,
     is_transient,
 )
-from zohofs.hosts import HostPolicy, host_port
+from zohofs.hosts import HostPolicy, host_port, is_loopback
 from zohofs.logs import redact_url
-from zohofs.transport import OpenBody, Transport, read_exactly, read_small
+from zohofs.transport import Exchange, OpenBody, Transport, read_exactly, read_small
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-_UNSATISFIED_RANGE = re.compile(r"^bytes \*/(\d+)$")
+# re.ASCII: \d would also match other scripts' digits, which int() then reads or rejects.
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)", re.ASCII)
+_UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)", re.ASCII)
+_DIGITS = re.compile(r"\d+", re.ASCII)
+# Answers that are a page about the file, never the file: a zip is none of these.
+_PAGE_TYPES = frozenset({"text/html", "application/xhtml+xml", "application/json"})
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 5
 
@@ -60,7 +67,7 @@ class RetryPolicy:
 
 def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
     """(first, last, total) of ``bytes first-last/total``; None if malformed."""
-    m = _CONTENT_RANGE.match((value or "").strip())
+    m = _CONTENT_RANGE.fullmatch((value or "").strip())
     if not m:
         return None
     first, last = int(m[1]), int(m[2])
@@ -75,26 +82,47 @@ def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _DIGITS.fullmatch(value):
         return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+    when = parse_http_date(value)
+    return None if when is None else max(0.0, when - time.time())
 
 
 def parse_http_date(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError):
+        when = email.utils.parsedate_to_datetime(value)
+        if when.tzinfo is None:
+            return None
+        return when.timestamp()
+    except (TypeError, ValueError, OverflowError, IndexError):
         return None
+
+
+def parse_length(value: str | None) -> int | None:
+    """A ``Content-Length`` of ASCII digits only, else None."""
+    value = (value or "").strip()
+    return int(value) if _DIGITS.fullmatch(value) else None
 
 
 def _is_identity(response: http.client.HTTPResponse) -> bool:
     return response.headers.get("Content-Encoding", "identity").strip().lower() == "identity"
+
+
+def _refuse_page(response: http.client.HTTPResponse, where: str) -> None:
+    """BadAnswer for an HTML or JSON page (a proxy's error or login page) in place of the
+    file: its bytes must never be served as the backup's."""
+    media = response.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+    if media in _PAGE_TYPES:
+        read_small(response)
+        raise BadAnswer(f"{where}: the server answered HTTP {response.status} with a "
+                        f"{media} page instead of the file")
+
+
+def time_left() -> float:
+    """Seconds until the innermost trio deadline (inf when there is none)."""
+    return trio.current_effective_deadline() - trio.current_time()
 
 
 class _Wait(tenacity.wait.wait_base):
@@ -103,12 +131,11 @@ class _Wait(tenacity.wait.wait_base):
     def __init__(self, policy: RetryPolicy) -> None:
         self._backoff = tenacity.wait_random_exponential(multiplier=policy.base_delay,
                                                          max=policy.max_delay)
-        self._cap = max(policy.max_delay, 60.0)
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         if isinstance(exc, RemoteError) and exc.retry_after is not None:
-            return min(exc.retry_after, self._cap)
+            return exc.retry_after  # never beyond the deadline: see _no_long_waits
         return float(self._backoff(retry_state))
 
 
@@ -116,11 +143,13 @@ class RangeReader:
     """Probe and read byte ranges of download links."""
 
     def __init__(self, transport: Transport, policy: HostPolicy,
-                 retry: RetryPolicy = RetryPolicy(), connections_per_host: int = 4) -> None:
+                 retry: RetryPolicy = RetryPolicy(), connections_per_host: int = 4,
+                 request_deadline: float = 30.0) -> None:
         self._transport = transport
         self._policy = policy
         self._retry = retry
         self._connections = connections_per_host
+        self._request_deadline = request_deadline
         self._limiters: dict[tuple[str, str, int], trio.CapacityLimiter] = {}
 
     def _limiter(self, url: str) -> trio.CapacityLimiter:
@@ -178,8 +207,8 @@ class RangeReader:
         )
         async for attempt in retrying:
             with attempt:
-                return await self._authorised_get(url, headers, tokens, read)
-        raise AssertionError("unreachable")
+                return await _no_long_waits(self._authorised_get(url, headers, tokens, read))
+        raise AssertionError("unreachable")  # tenacity reraises the last error
 
     async def _authorised_get(self, url: str, headers: dict[str, str], tokens: TokenSource,
                               read: Callable[[http.client.HTTPResponse, str], T]) -> T:
@@ -200,16 +229,35 @@ class RangeReader:
             if self._policy.may_send_token(url):
                 sent["Authorization"] = authorization_header(token)
 
-            def call(url: str = url, sent: dict[str, str] = sent) -> T | _Redirect:
+            def call(exchange: Exchange, url: str = url,
+                     sent: dict[str, str] = sent) -> T | _Redirect:
                 return self._transport.request(
-                    "GET", url, sent, lambda r: _follow_or_read(r, url, read))
+                    "GET", url, sent, lambda r: _follow_or_read(r, url, read), exchange)
 
-            result = await trio.to_thread.run_sync(call, abandon_on_cancel=True,
-                                                   limiter=self._limiter(url))
+            result = await self._in_thread(url, call)
             if not isinstance(result, _Redirect):
                 return result
             url = str(result)
         raise BadAnswer(f"more than {_MAX_REDIRECTS} redirects from {redact_url(url)}")
+
+    async def _in_thread(self, url: str, call: Callable[[Exchange], T]) -> T:
+        """Run one blocking request within the request deadline, aborting it for real
+        (socket shut down, thread freed) on timeout or cancellation.
+
+        The host's connection slot is held in trio, not by the thread: an abandoned
+        request gives its slot back at once, so a stuck request cannot starve the others.
+        """
+        exchange = Exchange()
+        async with self._limiter(url):
+            try:
+                with trio.fail_after(self._request_deadline):
+                    return await trio.to_thread.run_sync(call, exchange,
+                                                         abandon_on_cancel=True)
+            except trio.TooSlowError:
+                raise TransportError(f"no complete answer from {redact_url(url)} within "
+                                     f"{self._request_deadline:g} s") from None
+            finally:
+                exchange.abort()  # a no-op once the request is over
 
 
 class WholeFileStream:
@@ -224,7 +272,14 @@ class WholeFileStream:
         self.position = 0
 
     async def read(self, length: int) -> memoryview:
-        data = await trio.to_thread.run_sync(self._body.read, length, abandon_on_cancel=True)
+        done = False
+        try:
+            data = await trio.to_thread.run_sync(self._body.read, length,
+                                                 abandon_on_cancel=True)
+            done = True
+        finally:
+            if not done:
+                self._body.abort()  # wake the abandoned thread; the stream is unusable now
         self.position += length
         return data
 
@@ -236,11 +291,26 @@ def _open_whole(response: http.client.HTTPResponse, url: str, info: RemoteInfo) 
     if response.status != 200:
         _raise_for_status(response, url)
     _check_unchanged(response, info, redact_url(url))
+    _refuse_page(response, redact_url(url))
     if response.length != info.size or not _is_identity(response):
         raise BadAnswer(f"{redact_url(url)}: whole-file answer of {response.length} bytes "
                         f"({response.headers.get('Content-Encoding', 'identity')}), expected "
                         f"{info.size}")
     return OpenBody(response)
+
+
+async def _no_long_waits(call: Awaitable[T]) -> T:
+    """The call's result; a server asking to wait longer than the caller's deadline
+    allows fails now with EBUSY instead of holding the reader until the deadline."""
+    try:
+        return await call
+    except RemoteError as exc:
+        if exc.retry_after is not None and exc.retry_after > time_left():
+            err = Throttled(f"{exc}; the server asks to wait {exc.retry_after:.0f} s, longer "
+                            "than the read deadline allows", status=exc.status)
+            err.transient = False
+            raise err from exc
+        raise
 
 
 class _Redirect(str):
@@ -254,8 +324,19 @@ def _follow_or_read(response: http.client.HTTPResponse, url: str,
         read_small(response)
         if not location:
             raise BadAnswer(f"redirect without Location from {redact_url(url)}")
-        target = urljoin(url, location)
-        host_port(target)  # refuses non-http(s) targets
+        try:
+            target = urljoin(url, location)
+        except ValueError:
+            raise BadAnswer(f"redirect to a malformed Location from {redact_url(url)}") from None
+        try:
+            scheme, host, _ = host_port(target)
+        except ConfigError:
+            raise BadAnswer(f"{redact_url(url)} redirects to something that is not an "
+                            "http(s) URL") from None
+        if scheme != "https" and not is_loopback(host):
+            raise BadAnswer(f"{redact_url(url)} redirects to plain http "
+                            f"({redact_url(target)}): refused, the bytes would travel in "
+                            "clear text")
         return _Redirect(target)
     return read(response, url)
 
@@ -284,44 +365,57 @@ def _check_unchanged(response: http.client.HTTPResponse, info: RemoteInfo, where
 
 def _read_probe(response: http.client.HTTPResponse, url: str) -> RemoteInfo:
     etag, mtime = _validators(response)
+    where = f"probe of {redact_url(url)}"
+    if response.status in (200, 206):
+        _refuse_page(response, where)
+        if not _is_identity(response):
+            raise BadAnswer(f"{where}: encoded answer "
+                            f"({response.headers.get('Content-Encoding')}) refused")
     if response.status == 206:
         parsed = parse_content_range(response.headers.get("Content-Range"))
         if parsed is None or parsed[:2] != (0, 0) or parsed[2] is None:
-            raise BadAnswer(f"probe of {redact_url(url)}: unusable Content-Range "
+            raise BadAnswer(f"{where}: unusable Content-Range "
                             f"{response.headers.get('Content-Range')!r}")
         read_exactly(response, 1)
         return RemoteInfo(parsed[2], etag, mtime, ranges=True)
     if response.status == 416:
         # Only an empty file cannot satisfy bytes=0-0.
-        m = _UNSATISFIED_RANGE.match(response.headers.get("Content-Range", "").strip())
+        m = _UNSATISFIED_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
         read_small(response)
         if m and int(m[1]) == 0:
             return RemoteInfo(0, etag, mtime, ranges=True)
-        raise BadAnswer(f"probe of {redact_url(url)}: 416 without an empty-file Content-Range")
+        raise BadAnswer(f"{where}: 416 without an empty-file Content-Range")
     if response.status == 200:
         # The server ignored Range and started sending the whole file: take the size from
         # Content-Length and hang up (the transport closes a half-read connection).
-        length = response.headers.get("Content-Length", "")
-        if not length.isdigit() or not _is_identity(response):
-            raise BadAnswer(f"probe of {redact_url(url)}: 200 without a usable Content-Length")
+        length = parse_length(response.headers.get("Content-Length"))
+        if length is None:
+            raise BadAnswer(f"{where}: 200 without a usable Content-Length")
         log.warning("%s ignores Range requests: only whole-file reads will work",
                     redact_url(url))
-        return RemoteInfo(int(length), etag, mtime, ranges=False)
+        return RemoteInfo(length, etag, mtime, ranges=False)
     _raise_for_status(response, url)
-    raise AssertionError("unreachable")
+    raise AssertionError("unreachable")  # _raise_for_status always raises
 
 
 def _read_range(response: http.client.HTTPResponse, url: str, start: int, length: int,
                 info: RemoteInfo) -> memoryview:
     where = f"{redact_url(url)} bytes {start}-{start + length - 1}"
     status = response.status
-    if status in (412, 416):
+    if status == 412:
         read_small(response)
-        raise RemoteChanged(f"{where}: the file changed on the server (HTTP {status})",
+        raise RemoteChanged(f"{where}: the file changed on the server (HTTP 412)",
                             status=status)
-    if status not in (200, 206):
+    if status not in (200, 206, 416):
         _raise_for_status(response, url)
     _check_unchanged(response, info, where)
+    if status == 416:
+        # The validator still matches (else 412), yet the server will not serve a range
+        # inside the size it announced: it is inconsistent, not changed.
+        read_small(response)
+        raise BadAnswer(f"{where}: HTTP 416 for a range inside the {info.size} bytes the "
+                        "probe announced")
+    _refuse_page(response, where)
     if not _is_identity(response):
         raise BadAnswer(f"{where}: encoded answer "
                         f"({response.headers.get('Content-Encoding')}) refused")
@@ -334,7 +428,12 @@ def _read_range(response: http.client.HTTPResponse, url: str, start: int, length
     if parsed != (start, start + length - 1, info.size):
         total = parsed[2] if parsed else None
         if total is not None and total != info.size:
-            raise RemoteChanged(f"{where}: the file size changed from {info.size} to {total}")
+            if info.etag is None and info.last_modified is None:
+                # Without validators a new size is the only sign of a new version.
+                raise RemoteChanged(f"{where}: the file size changed from {info.size} to "
+                                    f"{total}")
+            raise BadAnswer(f"{where}: the server now gives the size as {total}, not the "
+                            f"{info.size} bytes it announced, under the same validator")
         raise BadAnswer(f"{where}: Content-Range {response.headers.get('Content-Range')!r} "
                         "does not match the request")
     if response.length is not None and response.length != length:

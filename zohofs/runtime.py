@@ -12,7 +12,13 @@ from zohofs.auth import OAuthTokens, StaticToken, TokenSource
 from zohofs.cache import BlockCache
 from zohofs.catalog import AccountSource, Catalog
 from zohofs.config import Config
-from zohofs.errors import ConfigError, SignInError, SignInThrottled, ZohofsError
+from zohofs.errors import (
+    ConfigError,
+    SignInError,
+    SignInThrottled,
+    SignInUnavailable,
+    ZohofsError,
+)
 from zohofs.fs import ZohoFS
 from zohofs.hosts import HostPolicy
 from zohofs.remote import RangeReader, RetryPolicy
@@ -60,9 +66,10 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
                 tokens[""] = _link_tokens(config, sources)
             reader = RangeReader(transport, HostPolicy(config.trust_hosts),
                                  RetryPolicy(config.retries, config.retry_base_delay),
-                                 config.connections)
+                                 config.connections, request_deadline=config.timeout)
             fs = ZohoFS(reader, BlockCache(config.cache_size), tokens,
-                        block_size=config.block_size, readahead_blocks=config.readahead_blocks)
+                        block_size=config.block_size, readahead_blocks=config.readahead_blocks,
+                        read_deadline=config.read_timeout)
             catalog = Catalog(fs, client, sources, static, api_version=config.api_version,
                               interval=config.listing_interval, trusted=config.trust_hosts,
                               on_demand_every=config.lookup_refresh_interval)
@@ -85,4 +92,4 @@ def _link_tokens(config: Config, sources: list[AccountSource]) -> TokenSource:
 def fatal_sign_in_errors(errors: list[ZohofsError]) -> list[ZohofsError]:
     """Failures that will not go away by waiting: wrong client, revoked token, no rights."""
     return [e for e in errors if isinstance(e, SignInError)
-            and not isinstance(e, SignInThrottled)]
+            and not isinstance(e, SignInThrottled | SignInUnavailable)]

@@ -3,26 +3,95 @@
 The bulk bytes move here rather than through httpx: on these machines the standard
 library's client over ``ssl``, reading with ``readinto`` into a preallocated buffer, moves
 TLS data about five times faster than httpx's async client on trio (see the README's
-performance section). Callers run :meth:`Transport.request` in a worker thread.
+performance section). Callers run :meth:`Transport.request` in a worker thread and give
+it an :class:`Exchange`, through which the event loop can abort the request at once: a
+socket timeout only bounds each ``recv``, so a server that drips bytes would otherwise
+hold the thread (and the reader waiting on it) for ever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
-from zohofs.errors import TransportError
+from zohofs.errors import BadAnswer, TransportError
 from zohofs.hosts import host_port
 
 T = TypeVar("T")
 
 # Errors that mean "this connection is dead", as opposed to "the server said no".
-_CONNECTION_ERRORS = (OSError, http.client.HTTPException, ssl.SSLError)
+# ValueError: http.client's chunked decoder raises it on a malformed chunk size.
+_CONNECTION_ERRORS = (OSError, http.client.HTTPException, ssl.SSLError, ValueError)
+# Errors on a reused connection that mean the server closed it before it saw our request:
+# the request is safe to send again on a fresh connection. Timeouts are not among them: a
+# server that is slow to answer is slow on a fresh connection too.
+_STALE_ERRORS = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                 ConnectionAbortedError, ssl.SSLEOFError)
+# An idle connection older than this is not reused: servers close idle keep-alive
+# connections (nginx after 75 s, CDNs after a few seconds) and the race with their close
+# is lost more often the older the connection is.
+MAX_IDLE = 30.0
+
+_Key = tuple[str, str, int]
+
+
+class Exchange:
+    """One request in flight in a worker thread, abortable from any other thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conn: http.client.HTTPConnection | None = None
+        self.aborted = False
+
+    def attach(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            if self.aborted:
+                conn.close()
+                raise TransportError("request aborted")
+            self._conn = conn
+
+    def detach(self) -> None:
+        """The request is over (its connection pooled, closed or handed on)."""
+        with self._lock:
+            self._conn = None
+
+    def abort(self) -> None:
+        """Wake the worker thread by shutting its socket down; it then fails quickly.
+
+        ``close()`` alone would not wake a ``recv`` blocked in another thread."""
+        with self._lock:
+            self.aborted = True
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            _shutdown(conn)
+
+
+def _shutdown(conn: http.client.HTTPConnection) -> None:
+    sock = conn.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _still_open(conn: http.client.HTTPConnection) -> bool:
+    """An idle connection is usable only if the server has sent nothing on it: readable
+    means it closed it (EOF) or sent something we never asked for."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
 
 
 class Transport:
@@ -33,81 +102,119 @@ class Transport:
         self._ssl_context = ssl_context
         self._timeout = timeout
         self._max_idle = max_idle_per_host
-        self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
+        self._idle: dict[_Key, list[tuple[float, http.client.HTTPConnection]]] = {}
         self._lock = threading.Lock()
 
-    def _connect(self, key: tuple[str, str, int]) -> http.client.HTTPConnection:
+    def _connect(self, key: _Key) -> http.client.HTTPConnection:
         scheme, host, port = key
         if scheme == "https":
             return http.client.HTTPSConnection(host, port, timeout=self._timeout,
                                                context=self._ssl_context)
         return http.client.HTTPConnection(host, port, timeout=self._timeout)
 
-    def _checkout(self, key: tuple[str, str, int]) -> tuple[http.client.HTTPConnection, bool]:
-        with self._lock:
-            idle = self._idle.get(key)
-            if idle:
-                return idle.pop(), True
-        return self._connect(key), False
+    def _checkout(self, key: _Key) -> http.client.HTTPConnection | None:
+        """A pooled connection that is still open, or None."""
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                if not idle:
+                    return None
+                since, conn = idle.pop()
+            if now - since < MAX_IDLE and _still_open(conn):
+                return conn
+            conn.close()
 
-    def _checkin(self, key: tuple[str, str, int], conn: http.client.HTTPConnection) -> None:
+    def _checkin(self, key: _Key, conn: http.client.HTTPConnection) -> None:
         with self._lock:
             idle = self._idle.setdefault(key, [])
             if len(idle) < self._max_idle:
-                idle.append(conn)
+                idle.append((time.monotonic(), conn))
                 return
         conn.close()
 
     def request(self, method: str, url: str, headers: Mapping[str, str],
-                handle: Callable[[http.client.HTTPResponse], T]) -> T:
+                handle: Callable[[http.client.HTTPResponse], T], exchange: Exchange) -> T:
         """Send one request and let ``handle`` read the answer.
 
         The connection goes back to the pool only when ``handle`` consumed the whole body;
         otherwise it is closed, so a half-read answer can never leak into the next one.
-        A kept-alive connection that the server closed while idle is retried once on a
-        fresh one (the request never reached the server, so this is always safe).
+        A pooled connection that the server closed before it saw the request is replaced
+        by a fresh one, once; every other failure is the caller's to retry.
         """
         key = host_port(url)
         parts = urlsplit(url)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        for _attempt in range(2):
-            conn, reused = self._checkout(key)
+        # http.client sends the target as ASCII: anything else is percent-encoded, as a
+        # browser would, instead of failing inside the library.
+        target = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                       safe="/?=&%:@!$'()*+,;~-._")
+        pooled = self._checkout(key)
+        conn = pooled or self._connect(key)
+        exchange.attach(conn)
+        try:
             try:
-                conn.request(method, target, headers=dict(headers))
-                response = conn.getresponse()
-            except ssl.SSLCertVerificationError as exc:
+                response = self._send(conn, method, target, headers, key)
+            except _STALE_ERRORS:
+                if pooled is None:
+                    raise
                 conn.close()
-                # Trying again will not make the certificate trustworthy.
-                err = TransportError(f"TLS certificate of {key[1]}:{key[2]} not trusted: "
-                                     f"{exc.verify_message} (see --ca-file)")
-                err.transient = False
-                raise err from exc
-            except _CONNECTION_ERRORS as exc:
-                conn.close()
-                if reused:
-                    continue
-                raise TransportError(f"cannot reach {key[1]}:{key[2]}: {_describe(exc)}") from exc
-            try:
-                result = handle(response)
-            except BaseException:
-                conn.close()
-                raise
-            if isinstance(result, OpenBody):
-                result.connection = conn  # the body is read later; the connection goes along
-                return result
-            if response.isclosed() and not response.will_close:
-                self._checkin(key, conn)
-            else:
-                conn.close()
+                conn = self._connect(key)
+                exchange.attach(conn)
+                response = self._send(conn, method, target, headers, key)
+        except ssl.SSLCertVerificationError as exc:
+            conn.close()
+            # Trying again will not make the certificate trustworthy.
+            err = TransportError(f"TLS certificate of {key[1]}:{key[2]} not trusted: "
+                                 f"{exc.verify_message} (see --ca-file)")
+            err.transient = False
+            raise err from exc
+        except (http.client.LineTooLong, _TooManyHeaders) as exc:
+            conn.close()
+            raise BadAnswer(f"{key[1]}:{key[2]} answered with oversized headers "
+                            f"({_describe(exc)})") from exc
+        except _CONNECTION_ERRORS as exc:
+            conn.close()
+            if exchange.aborted:
+                raise TransportError("request aborted") from exc
+            raise TransportError(f"cannot reach {key[1]}:{key[2]}: {_describe(exc)}") from exc
+        try:
+            result = handle(response)
+        except BaseException:
+            exchange.detach()
+            conn.close()
+            raise
+        if isinstance(result, OpenBody):
+            result.connection = conn  # the body is read later; the connection goes along
+            exchange.detach()
             return result
-        raise AssertionError("unreachable")
+        exchange.detach()
+        if response.isclosed() and not response.will_close and not exchange.aborted:
+            self._checkin(key, conn)
+        else:
+            conn.close()
+        return result
+
+    @staticmethod
+    def _send(conn: http.client.HTTPConnection, method: str, target: str,
+              headers: Mapping[str, str], key: _Key) -> http.client.HTTPResponse:
+        conn.request(method, target, headers=dict(headers))
+        try:
+            return conn.getresponse()
+        except http.client.HTTPException as exc:
+            if "got more than" in str(exc) and "headers" in str(exc):
+                raise _TooManyHeaders(str(exc)) from exc
+            raise
 
     def close(self) -> None:
         with self._lock:
-            conns = [c for idle in self._idle.values() for c in idle]
+            conns = [c for idle in self._idle.values() for _, c in idle]
             self._idle.clear()
         for conn in conns:
             conn.close()
+
+
+class _TooManyHeaders(http.client.HTTPException):
+    pass
 
 
 class OpenBody:
@@ -122,6 +229,11 @@ class OpenBody:
 
     def read(self, length: int) -> memoryview:
         return read_exactly(self.response, length)
+
+    def abort(self) -> None:
+        """Wake a thread blocked reading this body (from any thread)."""
+        if self.connection is not None:
+            _shutdown(self.connection)
 
     def close(self) -> None:
         self.response.close()

@@ -15,13 +15,14 @@ import httpx
 from zohofs.auth import TokenSource, authorization_header
 from zohofs.errors import ConfigError, DiscoveryError, SignInError
 from zohofs.hosts import DATA_CENTRES, HostPolicy
+from zohofs.logs import redact_url
 
 log = logging.getLogger(__name__)
 MAX_LISTING = 1 << 20  # a URL list is a few KiB; anything near this is not one
 
 # https://download-accl.zoho.com/v2/crm/<zgid>/backup/<job-id>/<Name>_<NNN>.zip
-_LINK_PATH = re.compile(r"^/v2/crm/(?P<zgid>[0-9]+)/backup/(?P<job>[0-9]+)/(?P<name>[^/]+)$")
-_FILE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]*_[0-9]{3,}\.zip$")
+_LINK_PATH = re.compile(r"/v2/crm/(?P<zgid>[0-9]+)/backup/(?P<job>[0-9]+)/(?P<name>[^/]+)")
+_FILE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*_[0-9]{3,}\.zip")
 
 
 @dataclass(frozen=True)
@@ -46,15 +47,20 @@ def parse_link(url: str, expires: datetime | None = None, account: str = "") -> 
     The path becomes part of the mounted tree, so hostile names (``..``, ``/``, NUL)
     must never get through.
     """
-    parts = urlsplit(url.strip())
-    match = _LINK_PATH.match(parts.path)
-    if parts.scheme not in ("http", "https") or not parts.hostname or match is None:
+    try:
+        parts = urlsplit(url.strip())
+        hostname = parts.hostname
+    except ValueError:
+        raise ConfigError(f"malformed link: {redact_url(url)!r}") from None
+    # fullmatch, not match: "$" would also match before a trailing newline.
+    match = _LINK_PATH.fullmatch(parts.path)
+    if parts.scheme not in ("http", "https") or not hostname or match is None:
         raise ConfigError(
-            f"not a Zoho backup download link: {url!r} "
+            f"not a Zoho backup download link: {redact_url(url)!r} "
             "(expected https://<host>/v2/crm/<zgid>/backup/<job-id>/<Name>_<NNN>.zip)")
     name = unquote(match["name"])
-    if not _FILE_NAME.match(name):
-        raise ConfigError(f"refusing backup file name {name!r} in {url!r}: "
+    if not _FILE_NAME.fullmatch(name):
+        raise ConfigError(f"refusing backup file name {name!r} in {redact_url(url)!r}: "
                           "not of the form <Name>_<NNN>.zip")
     return BackupFile(match["zgid"], match["job"], name, url.strip(), expires, account)
 
@@ -104,11 +110,11 @@ def trusted_api_url(api_domain: str | None, fallback: str) -> str:
     return fallback
 
 
-def _error_code(response: httpx.Response) -> str:
+def _error_code(content: bytes) -> str:
     try:
-        body = response.json()
+        body = json.loads(content)
         return str(body.get("code", "")) if isinstance(body, dict) else ""
-    except ValueError:
+    except (ValueError, RecursionError):
         return ""
 
 
@@ -122,33 +128,40 @@ async def list_backup(client: httpx.AsyncClient, api_url: str, version: int,
     """
     url = f"{api_url}/crm/bulk/v{version}/backup/urls"
 
-    async def get(token: str) -> httpx.Response:
+    async def get(token: str) -> tuple[int, bytes, str]:
+        """(status, body, Zoho's error code) of one GET."""
+        headers = {"Authorization": authorization_header(token), "Accept": "application/json"}
         try:
-            return await client.get(url, headers={
-                "Authorization": authorization_header(token), "Accept": "application/json"})
+            async with client.stream("GET", url, headers=headers) as response:
+                # The size cap applies while reading, not after a hostile answer is in memory.
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_LISTING:
+                        raise DiscoveryError(f"backup URLs answer over {MAX_LISTING} bytes "
+                                             "refused (not a URL list)")
         except httpx.HTTPError as exc:
             raise DiscoveryError(f"cannot reach {httpx.URL(url).host}: "
                                  f"{type(exc).__name__}: {exc}") from None
+        status = response.status_code
+        return status, bytes(body), _error_code(bytes(body)) if status >= 400 else ""
 
     token = await tokens.token()
-    response = await get(token)
-    code = _error_code(response) if response.status_code >= 400 else ""
+    status, content, code = await get(token)
     # An access token that expired under us is renewed once, then tried again.
-    if response.status_code == 401 and code == "INVALID_TOKEN" and await tokens.rejected(token):
-        response = await get(await tokens.token())
-        code = _error_code(response) if response.status_code >= 400 else ""
-    if response.status_code == 204:
+    if status == 401 and code == "INVALID_TOKEN" and await tokens.rejected(token):
+        status, content, code = await get(await tokens.token())
+    if status == 204:
         return []
-    if response.status_code in (401, 403):
-        raise SignInError(f"backup URLs API: {code or response.status_code}: "
+    if status in (401, 403):
+        raise SignInError(f"backup URLs API: {code or status}: "
                           f"{_API_ERRORS.get(code, 'access refused')}")
-    if response.status_code == 404:
+    if status == 404:
         raise DiscoveryError(f"backup URLs API not found at {url} ({code or 'HTTP 404'}): "
                              "check api_url and api_version")
-    if response.status_code != 200:
-        raise DiscoveryError(f"backup URLs API answered HTTP {response.status_code} "
-                             f"{code}".rstrip())
-    return parse_listing(response.content, downloads, account)
+    if status != 200:
+        raise DiscoveryError(f"backup URLs API answered HTTP {status} {code}".rstrip())
+    return parse_listing(content, downloads, account)
 
 
 def parse_listing(content: bytes, downloads: HostPolicy, account: str = "") -> list[BackupFile]:
@@ -158,8 +171,9 @@ def parse_listing(content: bytes, downloads: HostPolicy, account: str = "") -> l
                              "(not a URL list)")
     try:
         body: Any = json.loads(content)
-    except ValueError:
-        raise DiscoveryError("backup URLs answer is not JSON") from None
+    except (ValueError, RecursionError):
+        raise DiscoveryError("backup URLs answer is not JSON (or nested absurdly deep)"
+                             ) from None
     urls = body.get("urls") if isinstance(body, dict) else None
     if not isinstance(urls, dict):
         raise DiscoveryError("backup URLs answer has no 'urls' object")
@@ -185,6 +199,6 @@ def parse_listing(content: bytes, downloads: HostPolicy, account: str = "") -> l
                 raise ConfigError(f"not a string: {link!r}")
             downloads.check_link(link)
             files.append(parse_link(link, expires, account))
-        except ConfigError as exc:
+        except ConfigError as exc:  # its message names the link without its query
             log.warning("refusing a link from the backup URLs API: %s", exc)
     return dedupe(files)
