@@ -41,6 +41,14 @@ def started_mounts() -> list[Path]:
     return list(_STARTED)
 
 
+def reads_as(path: Path, data: bytes) -> bool:
+    """The file reads as ``data`` now (False while it fails; wrong bytes never pass)."""
+    try:
+        return path.read_bytes() == data
+    except OSError:
+        return False
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MiB, MountFactory
-from tests.helpers import file_sha256, is_mounted, sha256, wait_for
+from tests.helpers import file_sha256, is_mounted, reads_as, sha256, wait_for
 from zohofs.emulator.backup import Backup
 from zohofs.emulator.server import DEFAULT_LAST_MODIFIED, Emulator
 
@@ -153,7 +153,8 @@ def test_http_errors_become_errnos_and_recover(
         assert info.value.errno == code
     # Once the server is well again, the next access probes again and works.
     emulator.faults.remove(fault)
-    assert path.read_bytes() == backup.files["Attachments_003.zip"]
+    wait_for(lambda: reads_as(path, backup.files["Attachments_003.zip"]), 10,
+             "the file to read again")
 
 
 def test_missing_names_and_writes(mount: MountFactory) -> None:

@@ -179,19 +179,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
 # -- mount ---------------------------------------------------------------------------------
 
 def _check_mountpoint(path: str) -> None:
+    if _mount_type(path) == "fuse.zohofs" and _is_dead(path):
+        # A zohofs that was killed left its mount behind ("Transport endpoint is not
+        # connected"): nobody serves it, so it is safe to take away.
+        log.warning("%s: removing a dead zohofs mount left by a process that ended", path)
+        result = subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True,
+                                text=True, check=False)
+        if result.returncode != 0:
+            raise ConfigError(f"{path} holds a dead zohofs mount that could not be "
+                              f"removed: {result.stderr.strip()}")
     try:
         st = os.stat(path)
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN and _mount_type(path) == "fuse.zohofs":
-            # A zohofs that was killed left its mount behind ("Transport endpoint is not
-            # connected"): nobody serves it, so it is safe to take away.
-            log.warning("%s: removing a dead zohofs mount left by a process that ended", path)
-            result = subprocess.run(["fusermount3", "-u", "-z", path], capture_output=True,
-                                    text=True, check=False)
-            if result.returncode != 0:
-                raise ConfigError(f"{path} holds a dead zohofs mount that could not be "
-                                  f"removed: {result.stderr.strip()}") from None
-            return _check_mountpoint(path)
         if exc.errno == errno.ENOENT:
             raise ConfigError(f"mount point {path} does not exist: create it first "
                               f"(mkdir -p {path})") from None
@@ -200,6 +199,15 @@ def _check_mountpoint(path: str) -> None:
         raise ConfigError(f"mount point {path} is not a directory")
     if _mount_type(path) is not None:
         raise ConfigError(f"{path} is already a mount point")
+
+
+def _is_dead(path: str) -> bool:
+    """True for a FUSE mount whose server is gone (a live zohofs answers statfs itself)."""
+    try:
+        os.statvfs(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
 
 
 def _mount_type(path: str) -> str | None:

@@ -55,6 +55,9 @@ FAILED_TIMEOUT = 0.0
 # Default for how long one read (or the probe behind a stat or open) may take in all,
 # retries included, before it fails with EIO: readers waiting on FUSE cannot be killed.
 READ_DEADLINE = 60.0
+# A failed probe is not repeated sooner than this: the kernel serialises lookups of one
+# name, so without it N readers of a failing file would probe it N times in a row.
+FAILED_PROBE_TTL = 1.0
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,8 @@ class ZohoFS:
         self.on_miss: Callable[[str], Awaitable[bool]] | None = None
         # Called with (parent inode, name) of an entry that left the tree.
         self.on_removed: Callable[[int, str], None] | None = None
-        # Called with the inode of a file whose content changed on the server.
+        # Called with the inode of a file whose size and content the kernel may no longer
+        # trust (changed on the server, or the probe that gave them was wrong).
         self.on_changed: Callable[[int], None] | None = None
         self.block_size = block_size
         self.read_deadline = read_deadline
@@ -244,9 +248,11 @@ class ZohoFS:
         async with node.probe_lock:  # one probe per file, however many callers ask
             if node.info is not None:
                 return node.info
-            if node.error is not None and node.failed_at >= asked:
-                # It failed while we queued for it: callers that asked together share one
-                # failure instead of probing a failing server one after another.
+            if node.error is not None and (
+                    node.failed_at >= asked
+                    or trio.current_time() - node.failed_at < FAILED_PROBE_TTL):
+                # Callers that ask together, or right after a failure, share that failure
+                # instead of probing a failing server one after another.
                 raise node.error
             try:
                 check_expiry(node.file)
@@ -413,13 +419,13 @@ class ZohoFS:
                 return await self._streamed_block(handle, index)
             return await self._cache.get(self._key(handle, index),
                                          lambda: self._fetch(handle, index))
-        except (RemoteChanged, BadAnswer) as exc:
+        except (RemoteChanged, BadAnswer):
             # Open handles keep failing; the next open probes again (a new version, or
             # a server that answers sensibly again) instead of trusting this probe.
             node = handle.node
             if node.info is handle.info:
                 node.info = None
-                if isinstance(exc, RemoteChanged) and self.on_changed is not None:
+                if self.on_changed is not None:
                     self.on_changed(node.ino)
             raise
 

@@ -6,7 +6,9 @@ while a mount in another process talks to it over a real socket.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import gzip
 import hashlib
 import json
 import logging
@@ -14,6 +16,7 @@ import mmap
 import os
 import re
 import secrets
+import select
 import socket
 import ssl
 import threading
@@ -41,16 +44,42 @@ class ServedFile:
     data: bytes | mmap.mmap
     etag: str
     last_modified: float
+    validators: bool = True  # False: send neither ETag nor Last-Modified
+
+
+FAULT_KINDS = frozenset({
+    "status", "delay", "reset", "truncate", "ignore_range", "wrong_range", "wrong_length",
+    "gzip", "html", "drip", "silent", "big_headers", "hang_up", "chunked", "bad_chunk",
+    "headers"})
 
 
 @dataclass
 class Fault:
     """Something to do instead of (or on top of) a normal answer.
 
-    kinds: ``status`` (answer ``status``/``reason`` with ``headers``), ``delay`` (wait
-    ``seconds``, then answer normally), ``reset`` (send half the body, then drop the
-    connection), ``truncate`` (promise the whole body, send less, close), ``ignore_range``
-    (answer 200 with the whole file), ``wrong_range`` (a Content-Range one byte off).
+    kinds:
+
+    - ``status``: answer ``status``/``reason`` with ``headers`` (a 302 with ``Location``
+      makes a redirect)
+    - ``delay``: wait ``seconds``, then answer normally
+    - ``reset``: send half the body, then drop the connection with a RST
+    - ``truncate``: promise the whole body, send half, close
+    - ``hang_up``: close the connection without answering
+    - ``ignore_range``: answer 200 with the whole file
+    - ``wrong_range``: a Content-Range one byte off
+    - ``wrong_length``: a Content-Length (and body) one byte short of the range
+    - ``gzip``: the range gzip-compressed, with ``Content-Encoding: gzip``
+    - ``html``: 200 with a small HTML page (a proxy's error or login page)
+    - ``drip``: the right headers, then the body a few bytes every ``seconds``
+    - ``silent``: read the request and never answer (until the emulator stops)
+    - ``big_headers``: a header line longer than any client accepts
+    - ``chunked``: the body with ``Transfer-Encoding: chunked`` instead of a length
+    - ``bad_chunk``: a chunked body whose first chunk size is not a number
+    - ``headers``: a normal answer with ``headers`` put over its own
+
+    ``status`` and ``headers`` waits ``seconds`` before answering; any kind but ``status``
+    sends ``headers`` over those of its answer.
+
     ``count`` is how many matching requests it applies to; None means forever.
     """
 
@@ -106,6 +135,12 @@ class Emulator:
         self.listing_override: tuple[int, bytes] | None = None  # a scripted raw answer
         self.links_expire = datetime.now(UTC).replace(microsecond=0) + timedelta(days=6)
         self.faults: list[Fault] = []
+        # Kept-alive connections idle longer than this are closed by the server (nginx
+        # does after 75 s); None keeps them open. ``idle_closed`` counts those closes.
+        self.idle_timeout: float | None = None
+        self.idle_closed = 0
+        self.stopping = threading.Event()  # wakes ``silent`` and ``drip`` answers
+        self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._server = _Server((host, port), _Handler)
         self._server.emulator = self
@@ -134,11 +169,12 @@ class Emulator:
     # -- content -----------------------------------------------------------------------
 
     def add_file(self, zgid: str, job_id: str, name: str, data: bytes | mmap.mmap,
-                 last_modified: float = DEFAULT_LAST_MODIFIED, etag: str | None = None) -> str:
+                 last_modified: float = DEFAULT_LAST_MODIFIED, etag: str | None = None,
+                 validators: bool = True) -> str:
         path = f"/v2/crm/{zgid}/backup/{job_id}/{name}"
         if etag is None:
             etag = '"' + hashlib.blake2b(data, digest_size=12).hexdigest() + '"'
-        self.files[path] = ServedFile(data, etag, last_modified)
+        self.files[path] = ServedFile(data, etag, last_modified, validators)
         return self.base_url + path
 
     def add_backup(self, backup: Backup) -> list[str]:
@@ -201,11 +237,13 @@ class Emulator:
         path = "/" + url_or_path.split("/", 3)[-1] if "://" in url_or_path else url_or_path
         old = self.files[path]
         etag = '"' + hashlib.blake2b(data, digest_size=12).hexdigest() + '"'
-        self.files[path] = ServedFile(data, etag, old.last_modified + 3600)
+        self.files[path] = ServedFile(data, etag, old.last_modified + 3600, old.validators)
 
     # -- faults and log ----------------------------------------------------------------
 
     def add_fault(self, kind: str, **kwargs: Any) -> Fault:
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {kind!r} (one of {', '.join(sorted(FAULT_KINDS))})")
         fault = Fault(kind, **kwargs)
         with self._lock:
             self.faults.append(fault)
@@ -230,16 +268,38 @@ class Emulator:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> Emulator:
+        self.stopping.clear()
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         name="zohofs-emulator", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        self.stopping.set()
         self._server.shutdown()
         self._server.server_close()
         if self._thread:
             self._thread.join()
+        with self._lock:
+            connections, self._connections = list(self._connections), set()
+        for sock in connections:  # kept-alive ones too: the server is gone
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def restart(self) -> None:
+        """Come back on the same address after :meth:`stop` (a server gone and back)."""
+        server = _Server((self.host, self.port), _Handler)
+        server.emulator = self
+        server.ssl_context = self._server.ssl_context
+        self._server = server
+        self.start()
+
+    def track(self, sock: socket.socket, alive: bool) -> None:
+        with self._lock:
+            if alive:
+                self._connections.add(sock)
+            else:
+                self._connections.discard(sock)
 
     def __enter__(self) -> Emulator:
         return self.start()
@@ -261,7 +321,11 @@ class _Server(ThreadingHTTPServer):
                 request = self.ssl_context.wrap_socket(request, server_side=True)
             except (ssl.SSLError, OSError):
                 return
-        super().finish_request(request, client_address)
+        self.emulator.track(request, True)
+        try:
+            super().finish_request(request, client_address)
+        finally:
+            self.emulator.track(request, False)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -270,6 +334,36 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.client_address[0], *args)
+
+    def handle(self) -> None:
+        # BaseHTTPRequestHandler's loop, plus closing connections that stay idle too long.
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection:
+            if not self._wait_for_request():
+                return
+            self.handle_one_request()
+
+    def _wait_for_request(self) -> bool:
+        """False when the connection should close: idle past ``idle_timeout`` (read at
+        every step, so a test can lower it while connections wait) or the server stops."""
+        emu = self.server.emulator
+        if isinstance(self.connection, ssl.SSLSocket) and self.connection.pending():
+            return True
+        since = time.monotonic()
+        while not emu.stopping.is_set():
+            try:
+                readable, _, _ = select.select([self.connection], [], [], 0.05)
+            except (OSError, ValueError):
+                return False
+            if readable:
+                return True
+            idle = emu.idle_timeout
+            if idle is not None and time.monotonic() - since >= idle:
+                with emu._lock:
+                    emu.idle_closed += 1
+                return False
+        return False
 
     def _record(self, status: int) -> None:
         self.server.emulator.requests.append(
@@ -370,10 +464,33 @@ class _Handler(BaseHTTPRequestHandler):
         emu = self.server.emulator
         emu.arrived.append(self.path)
         fault = emu._take_fault(self.path)
+        if fault and fault.kind in ("status", "delay", "headers") and fault.seconds:
+            emu.stopping.wait(fault.seconds)
         if fault and fault.kind == "status":
             return self._error(fault.status, fault.reason, fault.headers)
-        if fault and fault.kind == "delay":
-            time.sleep(fault.seconds)
+        if fault and fault.kind == "hang_up":
+            self.close_connection = True
+            return
+        if fault and fault.kind == "silent":
+            emu.stopping.wait(fault.seconds or None)
+            self.close_connection = True
+            return
+        if fault and fault.kind == "big_headers":
+            self._record(200)
+            self.send_response(200)
+            self.send_header("X-Padding", "x" * 70000)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if fault and fault.kind == "html":
+            page = b"<html><body><h1>Service temporarily unavailable</h1></body></html>"
+            self._record(200)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=UTF-8")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+            return
         path = self.path.split("?", 1)[0]
         api = _API_PATH.match(path)
         if api:
@@ -440,21 +557,42 @@ class _Handler(BaseHTTPRequestHandler):
                                    {"Content-Range": f"bytes */{size}"})
             status = 206
         length = end - start + 1
-        self._record(status)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/zip")
-        self.send_header("Content-Disposition",
-                         f'attachment; filename="{self.path.rsplit("/", 1)[-1]}"')
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("ETag", served.etag)
-        self.send_header("Last-Modified", last_modified)
+        headers = {"Content-Type": "application/zip",
+                   "Content-Disposition":
+                       f'attachment; filename="{self.path.rsplit("/", 1)[-1]}"',
+                   "Accept-Ranges": "bytes"}
+        if served.validators:
+            headers.update(ETag=served.etag, **{"Last-Modified": last_modified})
         if status == 206:
             shift = 1 if fault and fault.kind == "wrong_range" else 0
-            self.send_header("Content-Range",
-                             f"bytes {start + shift}-{end + shift}/{size}")
-        self.send_header("Content-Length", str(length))
+            headers["Content-Range"] = f"bytes {start + shift}-{end + shift}/{size}"
+        body: bytes | memoryview = memoryview(served.data)[start:end + 1]
+        if fault and fault.kind == "wrong_length":
+            length -= 1
+            body = body[:length]
+        if fault and fault.kind == "gzip":
+            body = gzip.compress(bytes(body))
+            length = len(body)
+            headers["Content-Encoding"] = "gzip"
+        chunked = fault is not None and fault.kind in ("chunked", "bad_chunk")
+        if chunked:
+            headers["Transfer-Encoding"] = "chunked"
+        else:
+            headers["Content-Length"] = str(length)
+        headers.update(fault.headers if fault else {})
+        self._record(status)
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
         self.end_headers()
-        body = memoryview(served.data)[start:end + 1]
+        if fault and fault.kind == "drip":
+            self._drip(body, fault.seconds or 0.2)
+            return
+        if chunked:
+            assert fault is not None
+            head = b"zz" if fault.kind == "bad_chunk" else b"%x" % len(body)
+            self.wfile.write(head + b"\r\n" + bytes(body) + b"\r\n0\r\n\r\n")
+            return
         if fault and fault.kind in ("reset", "truncate"):
             self.wfile.write(body[:length // 2])
             self.wfile.flush()
@@ -470,3 +608,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(body[i:i + step])
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+
+    def _drip(self, body: bytes | memoryview, interval: float) -> None:
+        """A few bytes every ``interval``: each recv() gets something, so only an overall
+        deadline ends the wait."""
+        self.close_connection = True
+        stopping = self.server.emulator.stopping
+        try:
+            for i in range(0, len(body), 16):
+                self.wfile.write(body[i:i + 16])
+                self.wfile.flush()
+                if stopping.wait(interval):
+                    return
+        except OSError:
+            return
