@@ -85,6 +85,11 @@ class Node:
     file: BackupFile | None = None  # None for directories
     children: dict[str, int] = field(default_factory=dict)
     info: RemoteInfo | None = None
+    # ``info`` is the last good probe. Once it is in doubt (the file changed, a read
+    # found the server inconsistent) the next stat or open probes again, but until then
+    # the attributes keep showing it: a size of 0 handed to the kernel (readdirplus
+    # updates open files' sizes too) would cut every open reader short.
+    stale: bool = False
     error: ZohofsError | None = None
     failed_at: float = -1.0  # when ``error`` was last raised by a probe
     probe_lock: trio.Lock = field(default_factory=trio.Lock)
@@ -246,7 +251,7 @@ class ZohoFS:
         assert node.file is not None
         asked = trio.current_time()
         async with node.probe_lock:  # one probe per file, however many callers ask
-            if node.info is not None:
+            if node.info is not None and not node.stale:
                 return node.info
             if node.error is not None and (
                     node.failed_at >= asked
@@ -257,12 +262,12 @@ class ZohoFS:
             try:
                 check_expiry(node.file)
                 with self._deadline(f"{node.file.path}: probing its size"):
-                    node.info = await self._reader.probe(node.file.url,
-                                                         self._tokens[node.file.account])
+                    info = await self._reader.probe(node.file.url,
+                                                    self._tokens[node.file.account])
             except ZohofsError as exc:
                 node.error, node.failed_at = exc, trio.current_time()
                 raise
-            node.error = None
+            node.info, node.stale, node.error = info, False, None
             if not validated(node.info):
                 log.warning("%s: the server sends neither ETag nor Last-Modified: a change "
                             "of the file on the server cannot be detected; each open reads "
@@ -294,7 +299,7 @@ class ZohoFS:
 
     def attr(self, node: Node) -> Attr:
         """Attributes as known now (no I/O): a file not yet probed shows size 0, briefly."""
-        known = node.is_dir or node.info is not None
+        known = node.is_dir or (node.info is not None and not node.stale)
         if node.is_dir:
             mode, nlink, size = stat.S_IFDIR | 0o555, 2 + sum(
                 self._nodes[c].is_dir for c in node.children.values()), 0
@@ -305,7 +310,7 @@ class ZohoFS:
 
     async def getattr(self, ino: int) -> Attr:
         node = self._node(ino)
-        if not node.is_dir and node.info is None:
+        if not node.is_dir and (node.info is None or node.stale):
             await self._probe(node)
         return self.attr(node)
 
@@ -353,7 +358,7 @@ class ZohoFS:
         if node.is_dir:
             raise NoSuchEntry("is a directory")
         if node.info is not None and not validated(node.info):
-            node.info = None  # nothing pins the version: learn the size afresh
+            node.stale = True  # nothing pins the version: learn the size afresh
         info = await self._probe(node)
         assert node.file is not None
         check_expiry(node.file)
@@ -423,8 +428,8 @@ class ZohoFS:
             # Open handles keep failing; the next open probes again (a new version, or
             # a server that answers sensibly again) instead of trusting this probe.
             node = handle.node
-            if node.info is handle.info:
-                node.info = None
+            if node.info is handle.info and not node.stale:
+                node.stale = True
                 if self.on_changed is not None:
                     self.on_changed(node.ino)
             raise

@@ -14,6 +14,7 @@ import json
 import logging
 import mmap
 import os
+import random
 import re
 import secrets
 import select
@@ -93,6 +94,13 @@ class Fault:
 
 
 @dataclass
+class _Chaos:
+    rate: float
+    faults: list[Fault]
+    rng: random.Random
+
+
+@dataclass
 class EmulatedAccount:
     """A Zoho org with one self-client and its refresh token."""
 
@@ -135,6 +143,7 @@ class Emulator:
         self.listing_override: tuple[int, bytes] | None = None  # a scripted raw answer
         self.links_expire = datetime.now(UTC).replace(microsecond=0) + timedelta(days=6)
         self.faults: list[Fault] = []
+        self.chaos: _Chaos | None = None
         # Kept-alive connections idle longer than this are closed by the server (nginx
         # does after 75 s); None keeps them open. ``idle_closed`` counts those closes.
         self.idle_timeout: float | None = None
@@ -258,7 +267,15 @@ class Emulator:
                         if fault.count <= 0:
                             self.faults.remove(fault)
                     return fault
+            chaos = self.chaos
+            if chaos is not None and _FILE_PATH.match(path) and chaos.rng.random() < chaos.rate:
+                return chaos.rng.choice(chaos.faults)
         return None
+
+    def start_chaos(self, rate: float, faults: list[Fault], seed: int = 0) -> None:
+        """From now on a share ``rate`` of the download requests that no scripted fault
+        matched get one of ``faults``, chosen at random (a soak's background noise)."""
+        self.chaos = _Chaos(rate, faults, random.Random(seed))
 
     def gets(self, name: str | None = None) -> list[Request]:
         """Logged GETs, optionally only those for paths ending in ``name``."""
