@@ -64,9 +64,9 @@ def _read(tally: Tally, fd: int, data: bytes, offset: int, size: int, where: str
         tally.timed(time.monotonic() - started)
     want = data[offset:offset + size]
     if len(got) < len(want) and got == want[:len(got)]:
-        # Through the page cache the kernel ends a read at the first page it could not
-        # fill and returns what it has (the next read reports the error): the bytes
-        # returned are still the server's.
+        # The kernel splits a read into several requests (pages, or max_read chunks with
+        # direct I/O); when a later one fails it returns what the earlier ones brought
+        # (the next read reports the error). The bytes returned are still the server's.
         with tally.lock:
             tally.short += 1
         return
@@ -154,8 +154,6 @@ def test_soak_under_faults(mount: MountFactory, emulator: Emulator, backup: Back
     emulator.chaos = None
     emulator.stopping.set()  # silent and dripping answers still open end now
     assert not tally.wrong, tally.wrong[:10]
-    if not mode:  # direct I/O: every answer is zohofs's own, exactly the size asked
-        assert tally.short == 0
     assert tally.reads > 200, tally
     assert set(tally.errors) <= ALLOWED, tally.errors
     assert tally.slowest < READ_DEADLINE + 6, f"slowest read {tally.slowest:.1f} s"

@@ -10,6 +10,7 @@ credentials (``$CREDENTIALS_DIRECTORY/zoho-client-id`` ...), environment variabl
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import ssl
@@ -176,10 +177,13 @@ def default_config_path(env: Mapping[str, str]) -> Path | None:
 
 def load_toml(path: Path) -> dict[str, Any]:
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        # utf-8-sig: editors on some systems start the file with a byte-order mark.
+        return tomllib.loads(path.read_bytes().decode("utf-8-sig"))
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}): save "
+                          "it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: {exc}") from exc
 
@@ -201,7 +205,10 @@ def _integer(value: Any) -> int:
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError("expected a number")
-    return float(value)
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError("expected a finite number")
+    return number
 
 
 def _boolean(value: Any) -> bool:

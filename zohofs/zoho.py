@@ -47,8 +47,13 @@ def parse_link(url: str, expires: datetime | None = None, account: str = "") -> 
     The path becomes part of the mounted tree, so hostile names (``..``, ``/``, NUL)
     must never get through.
     """
+    url = url.strip()
+    if any(c.isspace() or not c.isprintable() for c in url):
+        # urlsplit silently drops newlines and tabs; a link carrying any is not Zoho's.
+        raise ConfigError(f"refusing a link with spaces or control characters: "
+                          f"{redact_url(url)!r}")
     try:
-        parts = urlsplit(url.strip())
+        parts = urlsplit(url)
         hostname = parts.hostname
     except ValueError:
         raise ConfigError(f"malformed link: {redact_url(url)!r}") from None
@@ -62,7 +67,7 @@ def parse_link(url: str, expires: datetime | None = None, account: str = "") -> 
     if not _FILE_NAME.fullmatch(name):
         raise ConfigError(f"refusing backup file name {name!r} in {redact_url(url)!r}: "
                           "not of the form <Name>_<NNN>.zip")
-    return BackupFile(match["zgid"], match["job"], name, url.strip(), expires, account)
+    return BackupFile(match["zgid"], match["job"], name, url, expires, account)
 
 
 def read_links_file(path: str) -> list[str]:
