@@ -290,3 +290,28 @@ def test_a_failed_listing_at_start_leaves_a_live_mount_that_catches_up(
     assert "cannot list backups" in m.log
     wait_for(lambda: os.listdir(m.path) == [ZGID], 15, "the next listing")
     assert (m.path / JOB / "Data_001.zip").read_bytes() == backup.files["Data_001.zip"]
+
+
+def test_an_absurdly_nested_listing_leaves_the_mount_up(
+        oauth_mount: MountFactory, emulator: Emulator) -> None:
+    emulator.listing_override = (200, b'{"urls":' * 50_000)
+    m = oauth_mount()
+    m.expect_log("cannot list backups")
+    assert "nested absurdly deep" in m.log
+    assert os.listdir(m.path) == []
+    assert "Traceback" not in m.log
+
+
+def test_links_with_a_non_ascii_query_are_read_and_newlines_refused(
+        mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path,
+        token_file: Path) -> None:
+    links = sorted(emulator.base_url + p + "?n=D\u00e4ta" for p in emulator.files)
+    m = mount(links=links)
+    name = "Data_001.zip"
+    assert (m.path / JOB / name).read_bytes() == backup.files[name]
+    bad = next(iter(emulator.files))
+    (tmp_path / "m2").mkdir()
+    result = run_zohofs("mount", str(tmp_path / "m2"), "--link",
+                        emulator.base_url + bad + "%0A", "--access-token-file", str(token_file),
+                        *common_args(emulator))
+    assert result.returncode == 2 and "<Name>_<NNN>.zip" in result.stderr
