@@ -267,8 +267,9 @@ class ZohoFS:
             except ZohofsError as exc:
                 node.error, node.failed_at = exc, trio.current_time()
                 raise
+            first = node.info is None
             node.info, node.stale, node.error = info, False, None
-            if not validated(node.info):
+            if first and not validated(info):
                 log.warning("%s: the server sends neither ETag nor Last-Modified: a change "
                             "of the file on the server cannot be detected; each open reads "
                             "it afresh", node.file.path)

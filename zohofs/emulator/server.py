@@ -330,6 +330,11 @@ class _Server(ThreadingHTTPServer):
     emulator: Emulator
     ssl_context: ssl.SSLContext | None = None
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients that hang up mid-request (zohofs aborting a request past its deadline)
+        # are part of the game, not a server error worth a traceback.
+        log.debug("connection from %s ended abruptly", client_address, exc_info=True)
+
     def finish_request(self, request: Any, client_address: Any) -> None:
         # The TLS handshake happens here, in the connection's own thread, so one slow
         # client cannot stall the accept loop.
