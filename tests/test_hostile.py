@@ -7,6 +7,7 @@ those into errnos and messages); anything else would end the mount or print a tr
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -255,7 +256,7 @@ async def test_an_accounts_outage_keeps_the_valid_token_and_spends_no_budget(
     mock_clock.jump(10)  # the token expired; the pause too: one more try, EIO meanwhile
     with pytest.raises(ZohofsError) as info:
         await tokens.token()
-    assert info.value.errno == 5
+    assert info.value.errno == errno.EIO
     emulator.faults.clear()
     mock_clock.jump(60)  # Accounts is back: failed attempts spent none of the budget (2)
     assert await tokens.token() != first

@@ -315,3 +315,16 @@ def test_links_with_a_non_ascii_query_are_read_and_newlines_refused(
                         emulator.base_url + bad + "%0A", "--access-token-file", str(token_file),
                         *common_args(emulator))
     assert result.returncode == 2 and "<Name>_<NNN>.zip" in result.stderr
+
+
+def test_a_stuck_api_host_does_not_hang_lookups(
+        oauth_mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
+    m = oauth_mount("--read-timeout", "2")
+    m.expect_log("cannot list backups: no answer within 2 s")
+    emulator.add_fault("silent", path="/backup/urls", count=None)
+    # A missing id-shaped name asks for a listing; the API host never answers it.
+    started = datetime.now(UTC)
+    assert open_errno(m.path / ZGID / "4876876000009999999") == errno.ENOENT
+    assert (datetime.now(UTC) - started).total_seconds() < 2 + 8
+    assert "no answer within 2 s" in m.log
+    assert (m.path / JOB / "Data_001.zip").read_bytes() == backup.files["Data_001.zip"]

@@ -151,13 +151,16 @@ def test_soak_under_faults(mount: MountFactory, emulator: Emulator, backup: Back
     for t in threads:
         t.join(READ_DEADLINE * 4 + 30)
     assert not any(t.is_alive() for t in threads), "a reader is stuck"
+    assert emulator.chaos is not None
+    served = emulator.chaos.served
     emulator.chaos = None
     emulator.stopping.set()  # silent and dripping answers still open end now
     assert not tally.wrong, tally.wrong[:10]
     assert tally.reads > 200, tally
     assert set(tally.errors) <= ALLOWED, tally.errors
     assert tally.slowest < READ_DEADLINE + 6, f"slowest read {tally.slowest:.1f} s"
-    # Every request of the run was a fault or a good answer; some were faults.
+    # The server did misbehave, in many ways, and most reads still got through.
+    assert sum(served.values()) >= 30 and len(served) >= 8, served
     assert sum(tally.errors.values()) < tally.reads
     emulator.stopping.clear()
     for name in names:  # and the mount is well afterwards

@@ -14,7 +14,7 @@ import trio
 
 from zohofs.auth import OAuthTokens
 from zohofs.config import Account
-from zohofs.errors import ZohofsError
+from zohofs.errors import DiscoveryError, ZohofsError
 from zohofs.fs import ZohoFS
 from zohofs.hosts import DATA_CENTRES, HostPolicy
 from zohofs.zoho import BackupFile, list_backup, trusted_api_url
@@ -36,7 +36,8 @@ class AccountSource:
 class Catalog:
     def __init__(self, fs: ZohoFS, client: httpx.AsyncClient, sources: Sequence[AccountSource],
                  static: Sequence[BackupFile], *, api_version: int, interval: float,
-                 trusted: frozenset[str], on_demand_every: float = 60.0) -> None:
+                 trusted: frozenset[str], on_demand_every: float = 60.0,
+                 deadline: float = 60.0) -> None:
         self._fs = fs
         self._client = client
         self._sources = list(sources)
@@ -45,6 +46,9 @@ class Catalog:
         self._interval = interval
         self._trusted = trusted
         self._on_demand_every = on_demand_every
+        # One account's listing, sign-in included: a stuck API host must not hold the
+        # lock that lookups of missing names wait for.
+        self._deadline = deadline
         self._lock = trio.Lock()
         self._next = -math.inf  # when run() lists again
         self._last_on_demand = -math.inf
@@ -75,11 +79,7 @@ class Catalog:
         downloads = HostPolicy(self._trusted,
                                zoho_hosts=frozenset({DATA_CENTRES[account.dc].download}))
         try:
-            await source.tokens.token()  # learn api_domain before choosing the API host
-            api_url = account.api_url or trusted_api_url(source.tokens.api_domain,
-                                                         account.default_api_url)
-            files = await list_backup(self._client, api_url, self._api_version,
-                                      source.tokens, downloads, account.name)
+            files = await self._list(source, downloads)
         except ZohofsError as exc:
             log.log(exc.log_level, "%s: cannot list backups: %s", account.name, exc)
             errors.append(exc)
@@ -89,6 +89,18 @@ class Catalog:
         elif source.files is None or {f.path for f in files} != {f.path for f in source.files}:
             log.info("%s: %d backup files", account.name, len(files))
         source.files = files
+
+    async def _list(self, source: AccountSource, downloads: HostPolicy) -> list[BackupFile]:
+        account = source.account
+        try:
+            with trio.fail_after(self._deadline):
+                await source.tokens.token()  # learn api_domain before choosing the API host
+                api_url = account.api_url or trusted_api_url(source.tokens.api_domain,
+                                                             account.default_api_url)
+                return await list_backup(self._client, api_url, self._api_version,
+                                         source.tokens, downloads, account.name)
+        except trio.TooSlowError:
+            raise DiscoveryError(f"no answer within {self._deadline:g} s") from None
 
     async def refresh_for(self, name: str) -> bool:
         """A lookup missed ``name``: list again if that could help and we have not just

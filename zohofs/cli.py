@@ -181,7 +181,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 # -- mount ---------------------------------------------------------------------------------
 
 def _check_mountpoint(path: str) -> None:
-    if _mount_type(path) == "fuse.zohofs" and _is_dead(path):
+    mounted = _mounted_at(path)
+    if mounted is not None and mounted[1] == "fuse.zohofs" and _is_dead(path):
         # A zohofs that was killed left its mount behind ("Transport endpoint is not
         # connected"): nobody serves it, so it is safe to take away.
         log.warning("%s: removing a dead zohofs mount left by a process that ended", path)
@@ -190,6 +191,7 @@ def _check_mountpoint(path: str) -> None:
         if result.returncode != 0:
             raise ConfigError(f"{path} holds a dead zohofs mount that could not be "
                               f"removed: {result.stderr.strip()}")
+        mounted = _mounted_at(path)
     try:
         st = os.stat(path)
     except OSError as exc:
@@ -199,7 +201,7 @@ def _check_mountpoint(path: str) -> None:
         raise ConfigError(f"cannot use mount point {path}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"mount point {path} is not a directory")
-    if _mount_type(path) is not None:
+    if mounted is not None:
         raise ConfigError(f"{path} is already a mount point")
 
 
@@ -212,15 +214,17 @@ def _is_dead(path: str) -> bool:
     return False
 
 
-def _mount_type(path: str) -> str | None:
-    """The filesystem type mounted at ``path`` (from mountinfo: no stat of the mount), or
-    None when nothing is mounted there."""
+def _mounted_at(path: str) -> tuple[str, str] | None:
+    """(device, filesystem type) of the topmost mount at ``path``, or None.
+
+    Read from mountinfo, not with stat(): a process must not touch a mount it serves,
+    and a dead one answers stat() from the kernel's cache."""
     found = None
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
             if _unescape_mountinfo(fields[4]) == path:
-                found = fields[fields.index("-") + 1]  # the last one mounted wins
+                found = fields[2], fields[fields.index("-") + 1]  # the last one wins
     return found
 
 
@@ -240,6 +244,7 @@ def _notify_systemd(state: str) -> None:
 
 async def serve(config: Config, on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
     """Discover, mount, serve until unmounted or signalled, and always unmount."""
+    _map_big_buffers()
     async with open_runtime(config) as runtime:
         with trio.move_on_after(STARTUP_DEADLINE):
             errors = await runtime.catalog.refresh()
@@ -292,16 +297,15 @@ def _set_kernel_readahead(mountpoint: str, size: int) -> None:
 
     Through the page cache, the kernel asks for at most its readahead window (128 KiB by
     default) at a time; a bigger window means fewer, larger requests into this process,
-    which is what limits throughput (README, "Performance"). Found through mountinfo, not
-    stat(): this thread serves the mount and must not touch it.
+    which is what limits throughput (README, "Performance").
     """
     try:
-        with open("/proc/self/mountinfo") as f:
-            device = next(line.split()[2] for line in f
-                          if _unescape_mountinfo(line.split()[4]) == mountpoint)
-        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
+        mounted = _mounted_at(mountpoint)
+        if mounted is None:
+            raise OSError("not in mountinfo")
+        with open(f"/sys/class/bdi/{mounted[0]}/read_ahead_kb", "w") as f:
             f.write(str(size // 1024))
-    except (OSError, StopIteration) as exc:
+    except OSError as exc:
         log.debug("could not raise the kernel readahead of %s: %s", mountpoint, exc)
 
 
@@ -321,7 +325,6 @@ async def _stop_on_signal(signals: AsyncIterator[int], fuse_scope: trio.CancelSc
 def cmd_mount(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     _check_mountpoint(cfg.mountpoint)
-    _map_big_buffers()
     trio.run(serve, cfg)
     return 0
 
@@ -471,7 +474,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         with emulator:
             print(f"emulator: {emulator.base_url} (Zoho's accounts, API and download hosts; "
                   "TLS with a throw-away CA)")
-            _map_big_buffers()
             trio.run(serve, cfg, show_tree)
     return 0
 

@@ -145,9 +145,9 @@ class ZohoFS:
         self.on_miss: Callable[[str], Awaitable[bool]] | None = None
         # Called with (parent inode, name) of an entry that left the tree.
         self.on_removed: Callable[[int, str], None] | None = None
-        # Called with the inode of a file whose size and content the kernel may no longer
-        # trust (changed on the server, or the probe that gave them was wrong).
-        self.on_changed: Callable[[int], None] | None = None
+        # Called with the inode of a file that became stale: the size and content the
+        # kernel holds may be wrong (changed on the server, or a probe the server belied).
+        self.on_stale: Callable[[int], None] | None = None
         self.block_size = block_size
         self.read_deadline = read_deadline
         # Prefetched blocks must fit in the cache next to the ones being read.
@@ -249,19 +249,17 @@ class ZohoFS:
 
     async def _probe(self, node: Node) -> RemoteInfo:
         assert node.file is not None
-        asked = trio.current_time()
         async with node.probe_lock:  # one probe per file, however many callers ask
             if node.info is not None and not node.stale:
                 return node.info
             if node.error is not None and (
-                    node.failed_at >= asked
-                    or trio.current_time() - node.failed_at < FAILED_PROBE_TTL):
-                # Callers that ask together, or right after a failure, share that failure
-                # instead of probing a failing server one after another.
+                    trio.current_time() - node.failed_at < FAILED_PROBE_TTL):
+                # Callers that queued behind a failing probe, or come right after it, share
+                # its failure instead of probing a failing server one after another.
                 raise node.error
             try:
                 check_expiry(node.file)
-                with self._deadline(f"{node.file.path}: probing its size"):
+                with self._deadline(node.file.path, "probing its size"):
                     info = await self._reader.probe(node.file.url,
                                                     self._tokens[node.file.account])
             except ZohofsError as exc:
@@ -385,18 +383,20 @@ class ZohoFS:
         handle = self._open.get(fh)
         if handle is None:
             raise NoSuchEntry(f"no open file {fh}")
-        with self._deadline(f"{handle.file.path}: reading {size} bytes at {offset}"):
+        with self._deadline(handle.file.path, "reading %d bytes at %d", size, offset):
             return await self._read(handle, offset, size)
 
     @contextlib.contextmanager
-    def _deadline(self, what: str) -> Iterator[None]:
-        """Fail with ReadTimeout (EIO) when the body takes longer than the read deadline."""
+    def _deadline(self, path: str, doing: str, *args: object) -> Iterator[None]:
+        """Fail with ReadTimeout (EIO) when the body takes longer than the read deadline.
+
+        The message is only formatted on failure: this wraps every read."""
         with trio.move_on_after(self.read_deadline) as scope:
             yield
         if scope.cancelled_caught:
-            raise ReadTimeout(f"{what}: gave up after the {self.read_deadline:g} s read "
-                              "deadline (the server is too slow or not answering; "
-                              "see --read-timeout)")
+            raise ReadTimeout(f"{path}: {doing % args}: gave up after the "
+                              f"{self.read_deadline:g} s read deadline (the server is too "
+                              "slow or not answering; see --read-timeout)")
 
     async def _read(self, handle: OpenFile, offset: int, size: int) -> bytes | memoryview:
         info = handle.info
@@ -431,8 +431,8 @@ class ZohoFS:
             node = handle.node
             if node.info is handle.info and not node.stale:
                 node.stale = True
-                if self.on_changed is not None:
-                    self.on_changed(node.ino)
+                if self.on_stale is not None:
+                    self.on_stale(node.ino)
             raise
 
     async def _fetch(self, handle: OpenFile, index: int) -> memoryview:

@@ -81,7 +81,7 @@ class Operations(pyfuse3.Operations):
         # from that answer (such as readahead) can only be changed after it.
         self.initialised = trio.Event()
         fs.on_removed = self._removed
-        fs.on_changed = self._changed
+        fs.on_stale = self._stale
 
     def init(self) -> None:
         self.initialised.set()
@@ -92,9 +92,9 @@ class Operations(pyfuse3.Operations):
         if self.initialised.is_set():
             pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
 
-    def _changed(self, ino: int) -> None:
-        # The kernel may hold pages and the size of the old version. Called from inside the
-        # read that found out, whose pages the kernel keeps locked until we answer: a
+    def _stale(self, ino: int) -> None:
+        # The kernel may hold pages and a size that are no longer true. Called from inside
+        # the read that found out, whose pages the kernel keeps locked until we answer: a
         # synchronous invalidation there would wait for itself, so it runs in a thread.
         if self.initialised.is_set():
             threading.Thread(target=_invalidate_inode, args=(ino,), daemon=True,

@@ -110,14 +110,18 @@ def _is_identity(response: http.client.HTTPResponse) -> bool:
     return response.headers.get("Content-Encoding", "identity").strip().lower() == "identity"
 
 
-def _refuse_page(response: http.client.HTTPResponse, where: str) -> None:
-    """BadAnswer for an HTML or JSON page (a proxy's error or login page) in place of the
-    file: its bytes must never be served as the backup's."""
+def _check_body(response: http.client.HTTPResponse, where: str) -> None:
+    """BadAnswer unless the body can be the file's own bytes: not encoded (gzip would be
+    other bytes at other offsets), not an HTML or JSON page (a proxy's error or login
+    page)."""
     media = response.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
     if media in _PAGE_TYPES:
         read_small(response)
         raise BadAnswer(f"{where}: the server answered HTTP {response.status} with a "
                         f"{media} page instead of the file")
+    if not _is_identity(response):
+        raise BadAnswer(f"{where}: encoded answer "
+                        f"({response.headers.get('Content-Encoding')}) refused")
 
 
 def time_left() -> float:
@@ -272,14 +276,12 @@ class WholeFileStream:
         self.position = 0
 
     async def read(self, length: int) -> memoryview:
-        done = False
         try:
             data = await trio.to_thread.run_sync(self._body.read, length,
                                                  abandon_on_cancel=True)
-            done = True
-        finally:
-            if not done:
-                self._body.abort()  # wake the abandoned thread; the stream is unusable now
+        except BaseException:
+            self._body.abort()  # wake an abandoned thread; the stream is unusable now
+            raise
         self.position += length
         return data
 
@@ -291,11 +293,10 @@ def _open_whole(response: http.client.HTTPResponse, url: str, info: RemoteInfo) 
     if response.status != 200:
         _raise_for_status(response, url)
     _check_unchanged(response, info, redact_url(url))
-    _refuse_page(response, redact_url(url))
-    if response.length != info.size or not _is_identity(response):
-        raise BadAnswer(f"{redact_url(url)}: whole-file answer of {response.length} bytes "
-                        f"({response.headers.get('Content-Encoding', 'identity')}), expected "
-                        f"{info.size}")
+    _check_body(response, redact_url(url))
+    if response.length != info.size:
+        raise BadAnswer(f"{redact_url(url)}: whole-file answer of {response.length} bytes, "
+                        f"expected {info.size}")
     return OpenBody(response)
 
 
@@ -367,10 +368,7 @@ def _read_probe(response: http.client.HTTPResponse, url: str) -> RemoteInfo:
     etag, mtime = _validators(response)
     where = f"probe of {redact_url(url)}"
     if response.status in (200, 206):
-        _refuse_page(response, where)
-        if not _is_identity(response):
-            raise BadAnswer(f"{where}: encoded answer "
-                            f"({response.headers.get('Content-Encoding')}) refused")
+        _check_body(response, where)
     if response.status == 206:
         parsed = parse_content_range(response.headers.get("Content-Range"))
         if parsed is None or parsed[:2] != (0, 0) or parsed[2] is None:
@@ -415,10 +413,7 @@ def _read_range(response: http.client.HTTPResponse, url: str, start: int, length
         read_small(response)
         raise BadAnswer(f"{where}: HTTP 416 for a range inside the {info.size} bytes the "
                         "probe announced")
-    _refuse_page(response, where)
-    if not _is_identity(response):
-        raise BadAnswer(f"{where}: encoded answer "
-                        f"({response.headers.get('Content-Encoding')}) refused")
+    _check_body(response, where)
     if status == 200:
         # A whole-file answer is only the range we asked for when the range is the file.
         if start == 0 and length == info.size and response.length == length:

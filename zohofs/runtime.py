@@ -72,7 +72,8 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
                         read_deadline=config.read_timeout)
             catalog = Catalog(fs, client, sources, static, api_version=config.api_version,
                               interval=config.listing_interval, trusted=config.trust_hosts,
-                              on_demand_every=config.lookup_refresh_interval)
+                              on_demand_every=config.lookup_refresh_interval,
+                              deadline=config.read_timeout)
             fs.on_miss = catalog.refresh_for
             yield Runtime(fs, catalog, sources)
         finally:

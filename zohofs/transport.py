@@ -153,14 +153,14 @@ class Transport:
         exchange.attach(conn)
         try:
             try:
-                response = self._send(conn, method, target, headers, key)
+                response = _send(conn, method, target, headers)
             except _STALE_ERRORS:
                 if pooled is None:
                     raise
                 conn.close()
                 conn = self._connect(key)
                 exchange.attach(conn)
-                response = self._send(conn, method, target, headers, key)
+                response = _send(conn, method, target, headers)
         except ssl.SSLCertVerificationError as exc:
             conn.close()
             # Trying again will not make the certificate trustworthy.
@@ -168,42 +168,28 @@ class Transport:
                                  f"{exc.verify_message} (see --ca-file)")
             err.transient = False
             raise err from exc
-        except (http.client.LineTooLong, _TooManyHeaders) as exc:
-            conn.close()
-            raise BadAnswer(f"{key[1]}:{key[2]} answered with oversized headers "
-                            f"({_describe(exc)})") from exc
         except _CONNECTION_ERRORS as exc:
             conn.close()
+            if _oversized_headers(exc):  # a server that will do it again: not retried
+                raise BadAnswer(f"{key[1]}:{key[2]} answered with oversized headers "
+                                f"({_describe(exc)})") from exc
             if exchange.aborted:
                 raise TransportError("request aborted") from exc
             raise TransportError(f"cannot reach {key[1]}:{key[2]}: {_describe(exc)}") from exc
         try:
             result = handle(response)
         except BaseException:
-            exchange.detach()
             conn.close()
             raise
+        finally:
+            exchange.detach()
         if isinstance(result, OpenBody):
             result.connection = conn  # the body is read later; the connection goes along
-            exchange.detach()
-            return result
-        exchange.detach()
-        if response.isclosed() and not response.will_close and not exchange.aborted:
+        elif response.isclosed() and not response.will_close and not exchange.aborted:
             self._checkin(key, conn)
         else:
             conn.close()
         return result
-
-    @staticmethod
-    def _send(conn: http.client.HTTPConnection, method: str, target: str,
-              headers: Mapping[str, str], key: _Key) -> http.client.HTTPResponse:
-        conn.request(method, target, headers=dict(headers))
-        try:
-            return conn.getresponse()
-        except http.client.HTTPException as exc:
-            if "got more than" in str(exc) and "headers" in str(exc):
-                raise _TooManyHeaders(str(exc)) from exc
-            raise
 
     def close(self) -> None:
         with self._lock:
@@ -213,8 +199,16 @@ class Transport:
             conn.close()
 
 
-class _TooManyHeaders(http.client.HTTPException):
-    pass
+def _send(conn: http.client.HTTPConnection, method: str, target: str,
+          headers: Mapping[str, str]) -> http.client.HTTPResponse:
+    conn.request(method, target, headers=dict(headers))
+    return conn.getresponse()
+
+
+def _oversized_headers(exc: BaseException) -> bool:
+    # http.client has a class for an over-long line, and only a message for too many.
+    return isinstance(exc, http.client.LineTooLong) or (
+        type(exc) is http.client.HTTPException and "headers" in str(exc))
 
 
 class OpenBody:

@@ -148,8 +148,8 @@ async def list_backup(client: httpx.AsyncClient, api_url: str, version: int,
         except httpx.HTTPError as exc:
             raise DiscoveryError(f"cannot reach {httpx.URL(url).host}: "
                                  f"{type(exc).__name__}: {exc}") from None
-        status = response.status_code
-        return status, bytes(body), _error_code(bytes(body)) if status >= 400 else ""
+        status, content = response.status_code, bytes(body)
+        return status, content, _error_code(content) if status >= 400 else ""
 
     token = await tokens.token()
     status, content, code = await get(token)

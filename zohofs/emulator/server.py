@@ -98,6 +98,7 @@ class _Chaos:
     rate: float
     faults: list[Fault]
     rng: random.Random
+    served: dict[str, int] = field(default_factory=dict)  # faults served, by kind
 
 
 @dataclass
@@ -269,7 +270,9 @@ class Emulator:
                     return fault
             chaos = self.chaos
             if chaos is not None and _FILE_PATH.match(path) and chaos.rng.random() < chaos.rate:
-                return chaos.rng.choice(chaos.faults)
+                fault = chaos.rng.choice(chaos.faults)
+                chaos.served[fault.kind] = chaos.served.get(fault.kind, 0) + 1
+                return fault
         return None
 
     def start_chaos(self, rate: float, faults: list[Fault], seed: int = 0) -> None:
