@@ -65,7 +65,8 @@ ROWS: dict[str, Row] = {
          "headers": {"Retry-After": "3600"}, "count": None},
         errno.EBUSY, r"WARNING .*asks to wait 3600 s, longer than the read deadline",
         bound=SLACK),
-    "reset-mid-body": Row({"kind": "reset"}, None, r"retrying .*connection broke"),
+    # A reset reaches the client as a reset, or as an early end when the data won the race.
+    "reset-mid-body": Row({"kind": "reset"}, None, r"retrying .*(connection broke|body ended)"),
     "truncated-body": Row({"kind": "truncate"}, None, r"retrying .*(body ended|broke)"),
     "hang-up": Row({"kind": "hang_up", "count": 2}, None, r"retrying .*cannot reach"),
     "drip": Row({"kind": "drip", "seconds": 0.2, "count": None}, errno.EIO,
