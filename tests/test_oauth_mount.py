@@ -8,13 +8,14 @@ import json
 import os
 import stat
 import subprocess
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import MiB, MountFactory, common_args, run_zohofs, write_config
-from tests.helpers import Mount, file_sha256, sha256, wait_for
+from tests.helpers import Mount, file_sha256, reads_as, sha256, wait_for
 from zohofs.emulator.backup import Backup, generate
 from zohofs.emulator.server import EmulatedAccount, Emulator
 
@@ -88,6 +89,30 @@ def test_zoho_throttling_fails_reads_clearly(
     with pytest.raises(OSError):
         (m.path / JOB / "Attachments_003.zip").read_bytes()
     assert sum(p == "/oauth/v2/token" for p in emulator.arrived) == 2
+
+
+def test_an_accounts_outage_while_the_token_is_valid_keeps_reads_going(
+        oauth_mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
+    emulator.token_lifetime = 12  # renewed from 1.2 s before it expires
+    m = oauth_mount()
+    m.expect_log("cannot reach Zoho Accounts|HTTP 503")
+    expires = emulator.access_tokens[emulator.issued[0]][1]  # the emulator's monotonic clock
+    emulator.add_fault("status", status=503, reason="SERVICE_UNAVAILABLE",
+                       path="/oauth/v2/token", count=None)
+    wait_for(lambda: time.monotonic() >= expires - 1.1, 20, "the token to be due for renewal")
+    # Accounts is down and the token still valid: reads go on with it (each file below
+    # is fetched for the first time, so each read needs the token).
+    for name in ("Attachments_001.zip", "Attachments_002.zip"):
+        assert (m.path / JOB / name).read_bytes() == backup.files[name]
+    token_posts = sum(p == "/oauth/v2/token" for p in emulator.arrived)
+    assert token_posts == 2  # sign-in, then one failed renewal: no post per read
+    # Accounts is back: once the token has expired and the pause (10 s) is over, the mount
+    # renews by itself, no restart needed.
+    emulator.faults.clear()
+    wait_for(lambda: time.monotonic() >= expires, 20, "the old token to expire")
+    wait_for(lambda: reads_as(m.path / JOB / "Attachments_003.zip",
+                              backup.files["Attachments_003.zip"]), 30, "a renewed token")
+    assert len(emulator.issued) == 2
 
 
 def test_a_revoked_refresh_token_gives_eacces_and_says_why(
