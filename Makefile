@@ -27,7 +27,8 @@ test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: deps
-	$(PY) bench/throughput.py $(BENCH_ARGS)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) bench/scoreboard.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info

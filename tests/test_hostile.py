@@ -216,7 +216,7 @@ async def test_a_link_with_a_non_ascii_query_is_read(
     reader = reader_for(emulator)
     odd = url + "?name=D\u00e4ta&x=\u65e5"
     info = await reader.probe(odd, StaticToken(TOKEN))
-    assert await reader.fetch(odd, 10, 100, info, StaticToken(TOKEN)) == \
+    assert b"".join(await reader.fetch(odd, 10, 100, info, StaticToken(TOKEN))) == \
         backup.files[NAME][10:110]
     assert "%C3%A4" in emulator.requests[-1].path
 

@@ -27,6 +27,17 @@ def data_gets(emulator: Emulator, name: str | None = None) -> list[str]:
             if r.headers.get("Range") != "bytes=0-0"]
 
 
+def fetched_once(ranges: list[str], size: int) -> bool:
+    """The ranges fetched cover ``[0, size)`` with no byte fetched twice."""
+    spans = sorted((int(a), int(b)) for a, b in (r[6:].split("-") for r in ranges))
+    position = 0
+    for first, last in spans:
+        if first != position:
+            return False
+        position = last + 1
+    return position == size
+
+
 def test_tree_shape_and_attributes(mount: MountFactory, backup: Backup) -> None:
     m = mount()
     assert os.listdir(m.path) == ["757345985"]
@@ -80,15 +91,16 @@ def test_cp_rsync_and_unzip_give_the_servers_bytes(
     assert len(emulator.gets()) == gets_before
 
 
-def test_a_sequential_copy_fetches_each_block_once(
+def test_a_sequential_copy_fetches_each_byte_once(
         mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path) -> None:
     m = mount()
     name = "Attachments_001.zip"
     subprocess.run(["cp", str(m.path / JOB / name), str(tmp_path / name)], check=True)
     assert file_sha256(tmp_path / name) == sha256(backup.files[name])
-    blocks = -(-len(backup.files[name]) // MiB)
     ranges = data_gets(emulator, name)
-    assert len(ranges) == blocks == len(set(ranges)), ranges
+    assert fetched_once(ranges, len(backup.files[name])), ranges
+    # Requests grow with the copy: far fewer than one per read of cp.
+    assert len(ranges) <= len(backup.files[name]) // (512 * 1024), ranges
 
 
 def test_random_reads_match_the_source(mount: MountFactory, backup: Backup) -> None:
@@ -127,7 +139,7 @@ def test_concurrent_readers_share_one_get_per_block(
         t.join(60)
     assert len(results) == 6 and all(r == data for r in results)
     ranges = data_gets(emulator, name)
-    assert len(ranges) == len(set(ranges)) == -(-len(data) // MiB), ranges
+    assert fetched_once(ranges, len(data)), ranges
 
 
 @pytest.mark.parametrize(("status", "reason", "code"), [

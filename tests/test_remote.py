@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 
 from tests.conftest import TOKEN
 from zohofs.auth import StaticToken
-from zohofs.cache import BlockCache
 from zohofs.config import MiB
 from zohofs.emulator.backup import Backup
 from zohofs.emulator.server import Emulator
@@ -26,6 +25,7 @@ from zohofs.errors import (
 )
 from zohofs.fs import ZohoFS
 from zohofs.hosts import HostPolicy
+from zohofs.planner import CHUNK
 from zohofs.remote import RangeReader, RetryPolicy
 from zohofs.transport import Transport
 from zohofs.zoho import parse_link
@@ -43,9 +43,9 @@ def reader_for(emulator: Emulator, ctx: ssl.SSLContext | None = None,
                        RetryPolicy(attempts=attempts, base_delay=0.01))
 
 
-def fs_for(emulator: Emulator, url: str, readahead: int, attempts: int = 3) -> ZohoFS:
-    fs = ZohoFS(reader_for(emulator, attempts=attempts), BlockCache(64 * MiB), {"": TOKENS},
-                block_size=MiB, readahead_blocks=readahead)
+def fs_for(emulator: Emulator, url: str, ahead: int, attempts: int = 3) -> ZohoFS:
+    fs = ZohoFS(reader_for(emulator, attempts=attempts), {"": TOKENS}, cache_size=64 * MiB,
+                max_request=MiB, max_ahead=ahead)
     fs.add_files([parse_link(url)])
     return fs
 
@@ -60,13 +60,34 @@ async def test_probe_and_fetch(emulator: Emulator, backup: Backup, url: str) -> 
     info = await reader.probe(url, TOKENS)
     data = backup.files[NAME]
     assert info.size == len(data) and info.ranges and info.etag
-    assert await reader.fetch(url, 1000, 5000, info, TOKENS) == data[1000:6000]
-    assert await reader.fetch(url, len(data) - 7, 7, info, TOKENS) == data[-7:]
+    assert b"".join(await reader.fetch(url, 1000, 5000, info, TOKENS)) == data[1000:6000]
+    assert b"".join(await reader.fetch(url, len(data) - 7, 7, info, TOKENS)) == data[-7:]
     ranges = [r.headers["Range"] for r in emulator.gets(NAME)]
     assert ranges == ["bytes=0-0", "bytes=1000-5999", f"bytes={len(data) - 7}-{len(data) - 1}"]
     sent = emulator.gets(NAME)[-1].headers
     assert sent["Authorization"] == f"Zoho-oauthtoken {TOKEN}"
     assert sent["Accept-Encoding"] == "identity" and sent["If-Match"] == info.etag
+
+
+async def test_pieces_are_the_range_cut_at_the_piece_size(
+        emulator: Emulator, backup: Backup, url: str) -> None:
+    reader = reader_for(emulator)
+    info = await reader.probe(url, TOKENS)
+    pieces = await reader.fetch(url, 100, 3 * CHUNK + 5, info, TOKENS, piece=CHUNK)
+    assert [len(p) for p in pieces] == [CHUNK, CHUNK, CHUNK, 5]
+    assert b"".join(pieces) == backup.files[NAME][100:100 + 3 * CHUNK + 5]
+
+
+async def test_the_emulator_shapes_answers_like_the_internet(
+        emulator: Emulator, url: str) -> None:
+    # Lower bounds only: a busy machine can make the emulator slower, never faster.
+    reader = reader_for(emulator)
+    info = await reader.probe(url, TOKENS)
+    emulator.latency, emulator.rate = 0.2, 2_000_000
+    start = trio.current_time()
+    await reader.fetch(url, 0, 1_000_000, info, TOKENS)
+    assert trio.current_time() - start >= 0.2 + 0.5 * 0.95
+    assert emulator.body_bytes >= 1_000_000
 
 
 async def test_transient_errors_are_retried_with_retry_after(
@@ -76,7 +97,7 @@ async def test_transient_errors_are_retried_with_retry_after(
     emulator.add_fault("status", status=429, reason="TOO_MANY", headers={"Retry-After": "0"})
     emulator.add_fault("reset", path=NAME)
     emulator.add_fault("status", status=502, reason="BAD_GATEWAY")
-    assert await reader.fetch(url, 0, MiB, info, TOKENS) == backup.files[NAME][:MiB]
+    assert b"".join(await reader.fetch(url, 0, MiB, info, TOKENS)) == backup.files[NAME][:MiB]
     assert len(emulator.arrived) == 5  # probe, three faults, success
 
 
@@ -143,7 +164,7 @@ async def test_tls_is_verified(tls_emulator: Emulator, backup: Backup) -> None:
 
 async def test_concurrent_reads_of_a_block_cost_one_get(
         emulator: Emulator, backup: Backup, url: str) -> None:
-    fs = fs_for(emulator, url, readahead=0)
+    fs = fs_for(emulator, url, ahead=0)
     await fs.probe_all()
     node = fs.files[0]
     handles = [(await fs.open(node.ino, 0))[0] for _ in range(8)]
@@ -157,25 +178,27 @@ async def test_concurrent_reads_of_a_block_cost_one_get(
             nursery.start_soon(read, fh)
     data = backup.files[NAME]
     assert results == [data[MiB + 10:3 * MiB + 10]] * 8
+    # One GET per request-sized run of the chunks the read touches, whatever the readers.
     ranges = [r.headers["Range"] for r in emulator.gets(NAME)][1:]
     assert sorted(ranges) == [f"bytes={MiB}-{2 * MiB - 1}", f"bytes={2 * MiB}-{3 * MiB - 1}",
-                              f"bytes={3 * MiB}-{4 * MiB - 1}"]
+                              f"bytes={3 * MiB}-{3 * MiB + CHUNK - 1}"]
 
 
 async def test_sequential_reads_prefetch_ahead(
         emulator: Emulator, backup: Backup, url: str) -> None:
-    fs = fs_for(emulator, url, readahead=2)
+    fs = fs_for(emulator, url, ahead=2 * MiB)
     await fs.probe_all()
     fh, _ = await fs.open(fs.files[0].ino, 0)
     async with trio.open_nursery() as nursery:
         fs.start(nursery)
         assert bytes(await fs.read(fh, 0, 4096)) == backup.files[NAME][:4096]
-    # The nursery waited for the prefetch: block 1 was fetched although nobody read it.
-    assert f"bytes={MiB}-{2 * MiB - 1}" in [r.headers["Range"] for r in emulator.gets(NAME)]
+    # The nursery waited for the prefetch: the chunks after the first were fetched
+    # although nobody read them.
+    assert any(r.headers["Range"].startswith(f"bytes={CHUNK}-") for r in emulator.gets(NAME))
 
 
 async def test_a_failed_probe_is_retried_on_access(emulator: Emulator, url: str) -> None:
-    fs = fs_for(emulator, url, readahead=0, attempts=1)
+    fs = fs_for(emulator, url, ahead=0, attempts=1)
     fault = emulator.add_fault("status", status=503, count=None)
     await fs.probe_all()
     node = fs.files[0]
@@ -199,8 +222,8 @@ async def test_a_failed_probe_is_retried_on_access(emulator: Emulator, url: str)
 async def test_any_read_returns_the_servers_bytes(
         emulator: Emulator, backup: Backup, url: str, reads: list[tuple[int, int]]) -> None:
     # A small cache, so that reads also meet evicted blocks and blocks fetched ahead.
-    fs = ZohoFS(reader_for(emulator), BlockCache(3 * MiB), {"": TOKENS}, block_size=MiB,
-                readahead_blocks=2)
+    fs = ZohoFS(reader_for(emulator), {"": TOKENS}, cache_size=3 * MiB, max_request=MiB,
+                max_ahead=2 * MiB)
     fs.add_files([parse_link(url)])
     data = backup.files[NAME]
     async with trio.open_nursery() as nursery:

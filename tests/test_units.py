@@ -1,4 +1,4 @@
-"""Pure units: the errno table, parsers, link and host rules, readahead, the zip generator."""
+"""Pure units: the errno table, parsers, link and host rules, the zip generator."""
 
 from __future__ import annotations
 
@@ -32,7 +32,6 @@ from zohofs.errors import (
 from zohofs.fs import stable_inode
 from zohofs.hosts import HostPolicy
 from zohofs.operations import handler
-from zohofs.readahead import Readahead
 from zohofs.remote import parse_content_range, parse_retry_after
 from zohofs.zoho import parse_link, read_links_file
 
@@ -112,16 +111,6 @@ def test_token_goes_only_to_zoho_and_trusted_hosts() -> None:
     assert not policy.may_send_token("https://download-accl.zoho.com.evil.net/x")
     with pytest.raises(ConfigError, match=r"evil\.net:443"):
         policy.check_link("https://evil.net/v2/crm/1/backup/2/Data_001.zip")
-
-
-def test_readahead_grows_forward_and_resets_on_jumps() -> None:
-    ra = Readahead(max_window=8, slack=MiB)
-    windows = [ra.advise(i * 128 * 1024, 128 * 1024) for i in range(6)]
-    assert windows == [1, 2, 4, 8, 8, 8]
-    assert ra.advise(500 * MiB, 4096) == 0  # a random jump
-    ra.advise(500 * MiB + 4096, 4096)
-    # The kernel's readahead arrives slightly out of order: still sequential.
-    assert ra.advise(500 * MiB, 4096) > 0
 
 
 def test_token_lifetimes_old_and_new() -> None:

@@ -1,15 +1,15 @@
-"""Block cache: an LRU with a byte budget and one fetch in flight per block."""
+"""Chunk cache: an LRU with a byte budget, chunks held for their reader, fetches in flight."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Hashable, Iterable
 
 import cachetools
 import trio
 
 
-class _Flight:
-    """A fetch in progress; later readers of the same block wait on it."""
+class Flight:
+    """A fetch in progress; readers of its chunk wait on it instead of fetching again."""
 
     def __init__(self) -> None:
         self.done = trio.Event()
@@ -17,61 +17,76 @@ class _Flight:
         self.error: BaseException | None = None
 
 
-class BlockCache:
-    """Blocks keyed by ``(file key, block index)``.
+class Abandoned(Exception):
+    """The fetch of a chunk ended without a verdict on it (cancelled, or a prefetch that
+    gave up): whoever needs the chunk fetches it again."""
 
-    A second reader of a block that is being fetched waits for that fetch instead of
-    issuing its own, so concurrent readers (and prefetch racing a reader) cost one GET.
-    Checking the cache and registering a flight happen with no ``await`` in between.
+
+class ChunkCache:
+    """Chunks keyed by ``(file key, chunk index)``, in three places.
+
+    - *in flight*: a request for it is out; its :class:`Flight` tells waiters the outcome.
+    - *held*: fetched ahead for a reader that has not read it yet; never evicted (the
+      prefetch budget bounds these), moved to the LRU once read or no longer wanted.
+    - the *LRU*: everything else, evicted least recently used first.
+
+    Registering flights happens with no ``await`` after checking that a chunk is nowhere,
+    so two readers never fetch the same chunk.
     """
 
     def __init__(self, capacity: int) -> None:
-        self._blocks: cachetools.LRUCache[Hashable, memoryview] = cachetools.LRUCache(
+        self._lru: cachetools.LRUCache[Hashable, memoryview] = cachetools.LRUCache(
             maxsize=capacity, getsizeof=len)
-        self._flights: dict[Hashable, _Flight] = {}
+        self._held: dict[Hashable, memoryview] = {}
+        self._flights: dict[Hashable, Flight] = {}
         self.capacity = capacity
+        self.hits = self.misses = 0
 
     def __contains__(self, key: Hashable) -> bool:
-        return key in self._blocks or key in self._flights
+        return key in self._lru or key in self._held or key in self._flights
 
     def peek(self, key: Hashable) -> memoryview | None:
-        return self._blocks.get(key)
+        data = self._lru.get(key)
+        return self._held.get(key) if data is None else data
 
-    async def get(self, key: Hashable,
-                  fetch: Callable[[], Awaitable[memoryview]]) -> memoryview:
-        while True:
-            data = self._blocks.get(key)
-            if data is not None:
-                return data
-            waiting = self._flights.get(key)
-            if waiting is None:
-                break
-            await waiting.done.wait()
-            if waiting.data is not None:
-                return waiting.data
-            # A fetch whose task was cancelled says nothing about the block: try ourselves.
-            if not isinstance(waiting.error, _Abandoned):
-                assert waiting.error is not None
-                raise waiting.error
-        flight = self._flights[key] = _Flight()
-        try:
-            flight.data = await fetch()
-        except BaseException as exc:
-            # Never hand trio.Cancelled to another task: it belongs to our cancel scope.
-            flight.error = _Abandoned() if isinstance(exc, trio.Cancelled) else exc
-            raise
-        finally:
-            del self._flights[key]
+    def flight(self, key: Hashable) -> Flight | None:
+        return self._flights.get(key)
+
+    def begin(self, keys: Iterable[Hashable]) -> None:
+        """Announce fetches of ``keys`` (none of which may be anywhere in the cache)."""
+        for key in keys:
+            assert key not in self, "a chunk fetched twice"
+            self._flights[key] = Flight()
+
+    def arrive(self, key: Hashable, data: memoryview, *, hold: bool) -> None:
+        """A chunk arrived: wake its waiters and keep it (held for its reader, or in the
+        LRU)."""
+        flight = self._flights.pop(key, None)
+        if hold:
+            self._held[key] = data
+        elif len(data) <= self.capacity:
+            self._lru[key] = data
+        if flight is not None:
+            flight.data = data
             flight.done.set()
-        if len(flight.data) <= self.capacity:
-            self._blocks[key] = flight.data
-        return flight.data
+
+    def fail(self, key: Hashable, error: BaseException) -> None:
+        flight = self._flights.pop(key, None)
+        if flight is not None:
+            flight.error = error
+            flight.done.set()
+
+    def release(self, key: Hashable) -> None:
+        """A held chunk was read, or its reader left: from now on it may be evicted."""
+        data = self._held.pop(key, None)
+        if data is not None and len(data) <= self.capacity:
+            self._lru[key] = data
 
     def put(self, key: Hashable, data: memoryview) -> None:
-        """Keep a block that arrived without a fetch of its own (a streamed file)."""
+        """Keep a chunk that arrived without a flight of its own (a streamed file)."""
         if len(data) <= self.capacity:
-            self._blocks[key] = data
+            self._lru[key] = data
 
-
-class _Abandoned(Exception):
-    """The task fetching a block was cancelled before it finished."""
+    @property
+    def held_bytes(self) -> int:
+        return sum(len(d) for d in self._held.values())

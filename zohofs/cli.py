@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lifetime of the access tokens it issues (default %(default)s)")
     e.add_argument("--data-dir", type=Path,
                    help="serve zips found under v2/crm/<zgid>/backup/<job>/ here")
+    e.add_argument("--latency", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long before each answer's first byte (e.g. 0.03)")
+    e.add_argument("--rate", metavar="SIZE",
+                   help="cap each connection at SIZE bytes per second (e.g. 20M)")
     _add_backup_options(e)
     e.add_argument("-d", "--debug", action="store_true")
 
@@ -130,10 +134,12 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
 
 def _add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-size", metavar="MiB",
-                   help="block cache budget (MiB, or with a unit: 1G); default 256")
-    p.add_argument("--block-size", metavar="SIZE", help="bytes per ranged GET (1M..64M; 8M)")
+                   help="cache budget, half of it for what is fetched ahead of readers "
+                        "(MiB, or with a unit: 1G); default 256")
+    p.add_argument("--block-size", metavar="SIZE",
+                   help="largest ranged GET, made for sequential readers (1M..64M; 8M)")
     p.add_argument("--readahead", type=int, metavar="BLOCKS",
-                   help="blocks fetched ahead of a sequential reader (4)")
+                   help="most a sequential reader is fetched ahead of, in block sizes (4)")
     p.add_argument("--page-cache", action="store_true", default=None,
                    help="read through the kernel page cache: mmap works and re-reads are "
                         "fast, but cold reads are slower (the default bypasses it)")
@@ -427,6 +433,8 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     emulator = Emulator(args.host, args.port, tls=args.tls, tokens={args.token},
                         ca_path=args.ca_out)
     emulator.token_lifetime = args.token_lifetime
+    emulator.latency = args.latency
+    emulator.rate = parse_size(args.rate) if args.rate else None
     links = (emulator.add_data_dir(args.data_dir) if args.data_dir
              else emulator.add_backup(_generated_backup(args)))
     print(emulator.base_url, flush=True)

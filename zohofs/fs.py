@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import stat
 from collections.abc import (
@@ -26,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 import trio
 
 from zohofs.auth import TokenSource
-from zohofs.cache import BlockCache
+from zohofs.cache import Abandoned, ChunkCache
 from zohofs.errors import (
     AccessDenied,
     BadAnswer,
@@ -39,7 +40,7 @@ from zohofs.errors import (
     ZohofsError,
 )
 from zohofs.logs import redact_url
-from zohofs.readahead import Readahead
+from zohofs.planner import CHUNK, PrefetchBudget, ReadPattern, chunk_range
 from zohofs.remote import RangeReader, RemoteInfo, WholeFileStream
 from zohofs.zoho import BackupFile
 
@@ -58,6 +59,10 @@ READ_DEADLINE = 60.0
 # A failed probe is not repeated sooner than this: the kernel serialises lookups of one
 # name, so without it N readers of a failing file would probe it N times in a row.
 FAILED_PROBE_TTL = 1.0
+# st_blksize: Python's open(), stdio and rsync read this much after every seek, cp and cat
+# that much at a time (at least 128 KiB). 1 MiB keeps a random buffered read to about a
+# MiB fetched, while copies still send FUSE its largest reads (1 MiB).
+BLKSIZE = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -110,11 +115,14 @@ class OpenFile:
     node: Node
     file: BackupFile  # as it was at open: a later listing may bring a new link
     info: RemoteInfo
-    readahead: Readahead
+    pattern: ReadPattern
     # What the cache keys of this handle's blocks say about the version: the validators,
     # or for a server that sends none, this open alone (nothing proves two opens saw the
     # same bytes, so they share no blocks).
     version: Hashable = None
+    # Chunks fetched (or being fetched) ahead for this reader and not yet read, with the
+    # bytes each took from the prefetch budget.
+    held: dict[Hashable, int] = field(default_factory=dict)
 
 
 def validated(info: RemoteInfo) -> bool:
@@ -134,12 +142,15 @@ def stable_inode(path: str, taken: Container[int]) -> int:
 
 
 class ZohoFS:
-    def __init__(self, reader: RangeReader, cache: BlockCache,
-                 tokens: Mapping[str, TokenSource], *, block_size: int,
-                 readahead_blocks: int, uid: int | None = None, gid: int | None = None,
+    def __init__(self, reader: RangeReader, tokens: Mapping[str, TokenSource], *,
+                 cache_size: int, max_request: int, max_ahead: int,
+                 uid: int | None = None, gid: int | None = None,
                  read_deadline: float = READ_DEADLINE) -> None:
         self._reader = reader
-        self._cache = cache
+        # Half the cache may hold chunks fetched ahead of readers (never evicted before
+        # they are read), the rest is an LRU of what was read.
+        self._budget = PrefetchBudget(cache_size // 2)
+        self._cache = ChunkCache(cache_size - self._budget.capacity)
         self._tokens = tokens
         # Called with a name a lookup did not find; True if it refreshed the listing.
         self.on_miss: Callable[[str], Awaitable[bool]] | None = None
@@ -148,10 +159,9 @@ class ZohoFS:
         # Called with the inode of a file that became stale: the size and content the
         # kernel holds may be wrong (changed on the server, or a probe the server belied).
         self.on_stale: Callable[[int], None] | None = None
-        self.block_size = block_size
         self.read_deadline = read_deadline
-        # Prefetched blocks must fit in the cache next to the ones being read.
-        self._max_window = max(0, min(readahead_blocks, cache.capacity // block_size // 2))
+        self._max_request = max_request
+        self._max_ahead = max_ahead
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
         self._nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, "", ROOT_INODE)}
@@ -305,7 +315,7 @@ class ZohoFS:
         else:
             mode, nlink, size = stat.S_IFREG | 0o444, 1, node.info.size if node.info else 0
         return Attr(node.ino, mode, nlink, size, int(self._mtime(node) * 1e9), self._uid,
-                    self._gid, self.block_size, GOOD_TIMEOUT if known else FAILED_TIMEOUT)
+                    self._gid, BLKSIZE, GOOD_TIMEOUT if known else FAILED_TIMEOUT)
 
     async def getattr(self, ino: int) -> Attr:
         node = self._node(ino)
@@ -344,7 +354,7 @@ class ZohoFS:
     def statfs(self) -> tuple[int, int, int]:
         """(block size, total blocks, file count)."""
         total = sum(n.info.size for n in self.files if n.info)
-        return self.block_size, -(-total // self.block_size), len(self._nodes)
+        return BLKSIZE, -(-total // BLKSIZE), len(self._nodes)
 
     # -- data --------------------------------------------------------------------------
 
@@ -366,12 +376,16 @@ class ZohoFS:
         version = (info.etag, info.last_modified) if validated(info) else ("open", fh)
         keep_cache = validated(info) and node.kernel_version == version
         node.kernel_version = version
-        self._open[fh] = OpenFile(node, node.file, info,
-                                  Readahead(self._max_window, self.block_size), version)
+        pattern = ReadPattern(self._budget, info.size, max_ahead=self._max_ahead,
+                              max_request=self._max_request)
+        self._open[fh] = OpenFile(node, node.file, info, pattern, version)
         return fh, keep_cache
 
     def release(self, fh: int) -> None:
         handle = self._open.pop(fh, None)
+        if handle is not None:
+            handle.pattern.stop()
+            self._let_go(handle)
         node = handle.node if handle else None
         if node and node.stream and not any(h.node is node for h in self._open.values()):
             node.stream.close()  # nobody reads on: give the connection back
@@ -399,35 +413,174 @@ class ZohoFS:
                               "slow or not answering; see --read-timeout)")
 
     async def _read(self, handle: OpenFile, offset: int, size: int) -> bytes | memoryview:
-        info = handle.info
-        end = min(offset + size, info.size)
+        end = min(offset + size, handle.info.size)
         if offset >= end:
             return b""
-        bs = self.block_size
-        first, last = offset // bs, (end - 1) // bs
-        window = handle.readahead.advise(offset, end - offset)
-        last_block = (info.size - 1) // bs
-        for index in range(first + 1, min(last + window, last_block) + 1):
-            self._prefetch(handle, index)
-        if first == last:
-            block = await self._block(handle, first)
-            return block[offset - first * bs:end - first * bs]
-        parts = [await self._block(handle, i) for i in range(first, last + 1)]
-        return b"".join(parts)[offset - first * bs:end - first * bs]
+        wanted = chunk_range(offset, end)
+        if not handle.info.ranges:
+            with self._doubting(handle):
+                pieces = [await self._streamed_chunk(handle, i) for i in wanted]
+        else:
+            pattern = handle.pattern
+            was_sequential = pattern.sequential
+            plans = pattern.advise(offset, end - offset)
+            if was_sequential and not pattern.sequential:
+                self._let_go(handle)  # a jump: what was fetched ahead is not for now
+            # What this read needs is claimed before anything is fetched ahead, and
+            # fetched by this task, so it never queues behind prefetches for a connection.
+            demand = self._claim(handle, wanted)
+            for start, length in plans:
+                if not self._prefetch(handle, start, length):
+                    break
+                pattern.issued(start, length)
+            for n, run in enumerate(demand):
+                try:
+                    await self._fetch_run(handle, run, ahead=False)
+                except BaseException:
+                    for rest in demand[n + 1:]:  # claimed, never to be fetched by us
+                        self._drop(handle, [self._key(handle, i) for i in rest], Abandoned())
+                    raise
+            pieces = [await self._chunk(handle, i) for i in wanted]
+        first = offset - wanted.start * CHUNK
+        if len(pieces) == 1:
+            return pieces[0][first:first + end - offset]
+        last = end - (wanted.stop - 1) * CHUNK
+        return b"".join([pieces[0][first:], *pieces[1:-1], pieces[-1][:last]])
 
     def _key(self, handle: OpenFile, index: int) -> Hashable:
         # The version is part of the key: bytes of two versions of a file never mix.
         return (handle.node.ino, handle.version, index)
 
-    async def _block(self, handle: OpenFile, index: int) -> memoryview:
+    def _claim(self, handle: OpenFile, indices: range) -> list[range]:
+        """Announce fetches of the chunks of ``indices`` that are nowhere in the cache,
+        as runs of consecutive chunks of at most one request each (no await: nobody else
+        can claim them in between)."""
+        runs: list[range] = []
+        limit = max(1, self._max_request // CHUNK)
+        start: int | None = None
+        for i in indices:
+            if self._key(handle, i) in self._cache:
+                if start is not None:
+                    runs.append(range(start, i))
+                    start = None
+            elif start is None:
+                start = i
+            elif i - start == limit:
+                runs.append(range(start, i))
+                start = i
+        if start is not None:
+            runs.append(range(start, indices.stop))
+        for run in runs:
+            self._cache.begin(self._key(handle, i) for i in run)
+        return runs
+
+    def _prefetch(self, handle: OpenFile, start: int, length: int) -> bool:
+        """Fetch ``[start, start+length)`` ahead of the reader, in the background, held
+        for it; False when the prefetch budget (or the lack of a nursery) forbids it."""
+        if self._nursery is None:
+            return False
+        indices = chunk_range(start, start + length)
+        missing = [i for i in indices if self._key(handle, i) not in self._cache]
+        need = sum(self._chunk_length(handle, i) for i in missing)
+        if need and not self._budget.take(need):
+            return False
+        for i in missing:
+            handle.held[self._key(handle, i)] = self._chunk_length(handle, i)
+        for run in self._claim(handle, indices):
+            self._nursery.start_soon(self._fetch_run, handle, run, True)
+        return True
+
+    def _chunk_length(self, handle: OpenFile, index: int) -> int:
+        return min(CHUNK, handle.info.size - index * CHUNK)
+
+    def _let_go(self, handle: OpenFile) -> None:
+        """Chunks fetched ahead for this reader are not awaited any more: evictable once
+        they arrive, and no longer counted against the prefetch budget."""
+        for key, length in handle.held.items():
+            self._cache.release(key)
+            self._budget.give(length)
+        handle.held.clear()
+
+    async def _chunk(self, handle: OpenFile, index: int) -> memoryview:
+        key = self._key(handle, index)
+        while True:
+            data = self._cache.peek(key)
+            if data is not None:
+                break
+            flight = self._cache.flight(key)
+            if flight is None:  # evicted since it was claimed, or its prefetch gave up
+                self._cache.begin([key])
+                flight = self._cache.flight(key)
+                assert flight is not None
+                await self._fetch_run(handle, range(index, index + 1), ahead=False)
+            else:
+                await flight.done.wait()
+            if flight.data is not None:
+                data = flight.data
+                break
+            if not isinstance(flight.error, Abandoned):
+                assert flight.error is not None
+                raise flight.error
+        length = handle.held.pop(key, None)
+        if length is not None:  # read at last: it may be evicted now
+            self._cache.release(key)
+            self._budget.give(length)
+        return data
+
+    async def _fetch_run(self, handle: OpenFile, run: range, ahead: bool) -> None:
+        """Fetch the claimed chunks of ``run`` with one request and hand them to the cache.
+
+        A failed prefetch tells its waiters nothing (they fetch for themselves and report
+        what they meet); a failed demand fetch fails the chunks' waiters and the caller."""
+        keys = [self._key(handle, i) for i in run]
+        start = run.start * CHUNK
+        length = min(run.stop * CHUNK, handle.info.size) - start
+        pieces: list[memoryview] | None = None
         try:
-            if not handle.info.ranges:
-                return await self._streamed_block(handle, index)
-            return await self._cache.get(self._key(handle, index),
-                                         lambda: self._fetch(handle, index))
+            with trio.move_on_after(self.read_deadline if ahead else math.inf):
+                pieces = await self._fetch(handle, start, length)
+        except BaseException as exc:
+            verdict = exc if isinstance(exc, ZohofsError) and not ahead else Abandoned()
+            self._drop(handle, keys, verdict)
+            if ahead and isinstance(exc, Exception):
+                # Runs in the mount's top-level nursery: an escape would end the mount.
+                log.log(logging.DEBUG if isinstance(exc, ZohofsError) else logging.ERROR,
+                        "%s: prefetch of bytes %d-%d failed: %s", handle.file.path, start,
+                        start + length - 1, exc, exc_info=not isinstance(exc, ZohofsError))
+                return
+            raise
+        if pieces is None:  # a prefetch that outlived the read deadline
+            self._drop(handle, keys, Abandoned())
+            return
+        for key, data in zip(keys, pieces, strict=True):
+            self._cache.arrive(key, data, hold=key in handle.held)
+
+    def _drop(self, handle: OpenFile, keys: list[Hashable], verdict: BaseException) -> None:
+        for key in keys:
+            length = handle.held.pop(key, None)
+            if length is not None:
+                self._budget.give(length)
+            self._cache.fail(key, verdict)
+
+    async def _fetch(self, handle: OpenFile, start: int, length: int) -> list[memoryview]:
+        file = handle.file
+        check_expiry(file)
+        try:
+            with self._doubting(handle):
+                return await self._reader.fetch(file.url, start, length, handle.info,
+                                                self._tokens[file.account], piece=CHUNK)
+        except AccessDenied:
+            check_expiry(file)  # the link may have expired while the request was out
+            raise
+
+    @contextlib.contextmanager
+    def _doubting(self, handle: OpenFile) -> Iterator[None]:
+        """Mark the file stale when an answer contradicts its probe: open handles keep
+        failing, the next open probes again (a new version, or a server that answers
+        sensibly again) instead of trusting this probe."""
+        try:
+            yield
         except (RemoteChanged, BadAnswer):
-            # Open handles keep failing; the next open probes again (a new version, or
-            # a server that answers sensibly again) instead of trusting this probe.
             node = handle.node
             if node.info is handle.info and not node.stale:
                 node.stale = True
@@ -435,30 +588,19 @@ class ZohoFS:
                     self.on_stale(node.ino)
             raise
 
-    async def _fetch(self, handle: OpenFile, index: int) -> memoryview:
-        start = index * self.block_size
-        length = min(self.block_size, handle.info.size - start)
-        file = handle.file
-        check_expiry(file)
-        try:
-            return await self._reader.fetch(file.url, start, length, handle.info,
-                                            self._tokens[file.account])
-        except AccessDenied:
-            check_expiry(file)  # the link may have expired while the request was out
-            raise
-
-    async def _streamed_block(self, handle: OpenFile, index: int) -> memoryview:
-        """A block of a file whose server ignores Range: read the whole-file answer up to
-        it, keeping every block passed on the way. Correct bytes, at the price of starting
+    async def _streamed_chunk(self, handle: OpenFile, index: int) -> memoryview:
+        """A chunk of a file whose server ignores Range: read the whole-file answer up to
+        it, keeping every chunk passed on the way. Correct bytes, at the price of starting
         over from byte 0 when a reader goes back past what the cache still holds."""
-        node, bs = handle.node, self.block_size
+        node = handle.node
         async with node.stream_lock:
             for attempt in range(2):
                 cached = self._cache.peek(self._key(handle, index))
                 if cached is not None:
                     return cached
                 stream = node.stream
-                if stream is None or stream.info is not handle.info or stream.position > index * bs:
+                if (stream is None or stream.info is not handle.info
+                        or stream.position > index * CHUNK):
                     if stream is not None:
                         stream.close()
                     check_expiry(handle.file)
@@ -466,8 +608,8 @@ class ZohoFS:
                         handle.file.url, handle.info, self._tokens[handle.file.account])
                 try:
                     while True:
-                        i = stream.position // bs
-                        data = await stream.read(min(bs, handle.info.size - stream.position))
+                        i = stream.position // CHUNK
+                        data = await stream.read(min(CHUNK, handle.info.size - stream.position))
                         self._cache.put(self._key(handle, i), data)
                         if i == index:
                             return data
@@ -478,23 +620,6 @@ class ZohoFS:
                     if attempt or not isinstance(exc, TransportError):
                         raise
         raise AssertionError("unreachable")
-
-    def _prefetch(self, handle: OpenFile, index: int) -> None:
-        if (self._nursery is None or not handle.info.ranges
-                or self._key(handle, index) in self._cache):
-            return
-        self._nursery.start_soon(self._prefetch_block, handle, index)
-
-    async def _prefetch_block(self, handle: OpenFile, index: int) -> None:
-        try:
-            with trio.move_on_after(self.read_deadline):
-                await self._block(handle, index)
-        except ZohofsError as exc:
-            # The reader that needs this block will fetch it again and report the error.
-            log.debug("prefetch of block %d failed: %s", index, exc)
-        except Exception:
-            # Runs in the mount's top-level nursery: an escape here would end the mount.
-            log.exception("unexpected error in prefetch of block %d", index)
 
 
 def check_expiry(file: BackupFile) -> None:

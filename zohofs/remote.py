@@ -33,7 +33,14 @@ from zohofs.errors import (
 )
 from zohofs.hosts import HostPolicy, host_port, is_loopback
 from zohofs.logs import redact_url
-from zohofs.transport import Exchange, OpenBody, Transport, read_exactly, read_small
+from zohofs.transport import (
+    Exchange,
+    OpenBody,
+    Transport,
+    read_exactly,
+    read_pieces,
+    read_small,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -171,8 +178,9 @@ class RangeReader:
         return await self._with_retries(url, {"Range": "bytes=0-0"}, tokens, _read_probe)
 
     async def fetch(self, url: str, start: int, length: int, info: RemoteInfo,
-                    tokens: TokenSource) -> memoryview:
-        """Exactly the bytes ``[start, start+length)`` of the file ``info`` describes."""
+                    tokens: TokenSource, piece: int | None = None) -> list[memoryview]:
+        """Exactly the bytes ``[start, start+length)`` of the file ``info`` describes, in
+        pieces of ``piece`` bytes (the last shorter; default: one piece)."""
         if length <= 0 or start < 0 or start + length > info.size:
             raise BadAnswer(f"range {start}+{length} outside a file of {info.size} bytes")
         headers = {"Range": f"bytes={start}-{start + length - 1}"}
@@ -184,8 +192,8 @@ class RangeReader:
             headers["If-Unmodified-Since"] = email.utils.formatdate(info.last_modified,
                                                                      usegmt=True)
 
-        def read(response: http.client.HTTPResponse, url: str) -> memoryview:
-            return _read_range(response, url, start, length, info)
+        def read(response: http.client.HTTPResponse, url: str) -> list[memoryview]:
+            return _read_range(response, url, start, length, info, piece or length)
 
         return await self._with_retries(url, headers, tokens, read)
 
@@ -397,7 +405,7 @@ def _read_probe(response: http.client.HTTPResponse, url: str) -> RemoteInfo:
 
 
 def _read_range(response: http.client.HTTPResponse, url: str, start: int, length: int,
-                info: RemoteInfo) -> memoryview:
+                info: RemoteInfo, piece: int) -> list[memoryview]:
     where = f"{redact_url(url)} bytes {start}-{start + length - 1}"
     status = response.status
     if status == 412:
@@ -417,7 +425,7 @@ def _read_range(response: http.client.HTTPResponse, url: str, start: int, length
     if status == 200:
         # A whole-file answer is only the range we asked for when the range is the file.
         if start == 0 and length == info.size and response.length == length:
-            return read_exactly(response, length)
+            return read_pieces(response, length, piece)
         raise BadAnswer(f"{where}: the server ignored Range (HTTP 200); refusing to guess")
     parsed = parse_content_range(response.headers.get("Content-Range"))
     if parsed != (start, start + length - 1, info.size):
@@ -433,7 +441,7 @@ def _read_range(response: http.client.HTTPResponse, url: str, start: int, length
                         "does not match the request")
     if response.length is not None and response.length != length:
         raise BadAnswer(f"{where}: Content-Length {response.length} does not match the request")
-    data = read_exactly(response, length)
+    data = read_pieces(response, length, piece)
     if response.length is None and response.read(1):
         raise BadAnswer(f"{where}: the body is longer than its Content-Range")
     return data

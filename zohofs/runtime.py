@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import httpx
 
 from zohofs.auth import OAuthTokens, StaticToken, TokenSource
-from zohofs.cache import BlockCache
 from zohofs.catalog import AccountSource, Catalog
 from zohofs.config import Config
 from zohofs.errors import (
@@ -67,8 +66,9 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
             reader = RangeReader(transport, HostPolicy(config.trust_hosts),
                                  RetryPolicy(config.retries, config.retry_base_delay),
                                  config.connections, request_deadline=config.timeout)
-            fs = ZohoFS(reader, BlockCache(config.cache_size), tokens,
-                        block_size=config.block_size, readahead_blocks=config.readahead_blocks,
+            fs = ZohoFS(reader, tokens, cache_size=config.cache_size,
+                        max_request=config.block_size,
+                        max_ahead=config.block_size * config.readahead_blocks,
                         read_deadline=config.read_timeout)
             catalog = Catalog(fs, client, sources, static, api_version=config.api_version,
                               interval=config.listing_interval, trusted=config.trust_hosts,

@@ -150,6 +150,11 @@ class Emulator:
         self.idle_timeout: float | None = None
         self.idle_closed = 0
         self.stopping = threading.Event()  # wakes ``silent`` and ``drip`` answers
+        # The internet's shape on loopback: a wait before each answer's first byte, and a
+        # cap on each connection's byte rate (None: as fast as loopback goes).
+        self.latency = 0.0
+        self.rate: float | None = None
+        self.body_bytes = 0  # file body bytes sent, faults included
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._server = _Server((host, port), _Handler)
@@ -488,6 +493,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         emu = self.server.emulator
         emu.arrived.append(self.path)
+        if emu.latency:
+            emu.stopping.wait(emu.latency)
         fault = emu._take_fault(self.path)
         if fault and fault.kind in ("status", "delay", "headers") and fault.seconds:
             emu.stopping.wait(fault.seconds)
@@ -627,12 +634,26 @@ class _Handler(BaseHTTPRequestHandler):
                                            b"\x01\x00\x00\x00\x00\x00\x00\x00")
             self.close_connection = True
             return
-        step = 1 << 20
         try:
-            for i in range(0, length, step):
-                self.wfile.write(body[i:i + step])
+            self._write_body(body)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+
+    def _write_body(self, body: bytes | memoryview) -> None:
+        emu = self.server.emulator
+        rate = emu.rate
+        # Paced in pieces of 1/50 s at the capped rate, so the cap holds over short spans.
+        step = 1 << 20 if rate is None else max(4096, int(rate / 50))
+        started = time.monotonic()
+        for i in range(0, len(body), step):
+            piece = body[i:i + step]
+            self.wfile.write(piece)
+            with emu._lock:
+                emu.body_bytes += len(piece)
+            if rate is not None:
+                ahead = started + (i + len(piece)) / rate - time.monotonic()
+                if ahead > 0 and emu.stopping.wait(ahead):
+                    return
 
     def _drip(self, body: bytes | memoryview, interval: float) -> None:
         """A few bytes every ``interval``: each recv() gets something, so only an overall

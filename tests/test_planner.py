@@ -1,0 +1,143 @@
+"""The request-size policy and the prefetch budget, without a server."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from zohofs.planner import CHUNK, FIRST_WINDOW, MiB, PrefetchBudget, ReadPattern, chunk_range
+
+SIZE = 1 << 30
+
+
+def pattern(budget: PrefetchBudget | None = None, size: int = SIZE) -> ReadPattern:
+    return ReadPattern(budget or PrefetchBudget(128 * MiB), size, max_ahead=32 * MiB,
+                       max_request=8 * MiB)
+
+
+def copy(p: ReadPattern, start: int, end: int, step: int) -> list[tuple[int, int]]:
+    """Read ``[start, end)`` front to back; every request made ahead, in order."""
+    made = []
+    for offset in range(start, end, step):
+        for plan in p.advise(offset, min(step, end - offset)):
+            p.issued(*plan)
+            made.append(plan)
+    return made
+
+
+def test_random_reads_fetch_nothing_ahead() -> None:
+    p = pattern()
+    for offset in (700 * MiB + 5, 3 * MiB, 900 * MiB, 12345):
+        assert p.advise(offset, 128 * 1024) == []
+    assert not p.sequential
+
+
+def test_a_copy_starts_small_and_ramps_up_to_large_parallel_requests() -> None:
+    p = pattern()
+    made = copy(p, 0, 256 * MiB, 128 * 1024)
+    sizes = [length for _, length in made]
+    assert sizes[0] <= FIRST_WINDOW // 2  # a small first request
+    assert sizes == sorted(sizes)  # growing while the run lasts
+    assert sizes[-1] == 8 * MiB  # up to the largest request
+    assert sizes.count(8 * MiB) >= 20
+    # The window is four requests wide at full speed: several in flight at once.
+    assert p.window == 32 * MiB
+    # Every byte after the first read is asked for exactly once, in order.
+    assert made[0][0] == CHUNK
+    for (start, length), (following, _) in itertools.pairwise(made):
+        assert start % CHUNK == 0 and start + length == following
+
+
+def test_prefetch_never_runs_far_past_a_short_sequential_read() -> None:
+    # unzip extracting a 1 MiB member: a jump to it, then small sequential reads.
+    p = pattern()
+    member = 500 * MiB + 1234
+    assert copy(p, member, member + MiB, 16 * 1024) == []  # not proven sequential yet
+    # A longer run is fetched ahead of, at most as far again as it went.
+    p = pattern()
+    made = copy(p, member, member + 3 * MiB, 16 * 1024)
+    assert made and made[-1][0] + made[-1][1] - (member + 3 * MiB) <= 3 * MiB
+
+
+def test_a_buffered_read_after_a_seek_is_no_sequential_run() -> None:
+    # Python's open() reads st_blksize (1 MiB) after a seek; FUSE may deliver it as
+    # several consecutive requests.
+    p = pattern()
+    for offset in (300 * MiB + 77, 12 * MiB + 5, 900 * MiB):
+        assert p.advise(offset, 512 * 1024) == [] and p.advise(offset + 512 * 1024,
+                                                                 512 * 1024) == []
+
+
+def test_a_jump_ends_the_run_and_the_next_run_starts_small_again() -> None:
+    p = pattern()
+    copy(p, 0, 64 * MiB, 128 * 1024)
+    assert p.window == 32 * MiB
+    assert p.advise(800 * MiB, 128 * 1024) == []  # the jump itself fetches nothing ahead
+    assert not p.sequential
+    made = copy(p, 800 * MiB + 128 * 1024, 803 * MiB, 128 * 1024)
+    assert p.window == 3 * MiB and made[0][1] <= MiB  # not the old run's 32 MiB
+
+
+def test_reads_slightly_out_of_order_stay_sequential() -> None:
+    p = pattern()
+    copy(p, 0, 8 * MiB, 128 * 1024)
+    p.advise(8 * MiB + 256 * 1024, 128 * 1024)  # the kernel sent a later read first
+    p.advise(8 * MiB, 128 * 1024)
+    assert p.sequential
+
+
+def test_readers_share_the_budget_equally() -> None:
+    budget = PrefetchBudget(64 * MiB)
+    readers = [pattern(budget) for _ in range(16)]
+    for offset in range(0, 64 * MiB, MiB):  # sixteen copies side by side
+        for r in readers:
+            copy(r, offset, offset + MiB, 128 * 1024)
+    assert all(r.window == 4 * MiB for r in readers)
+    # One leaves: the others may grow into its share.
+    readers[0].stop()
+    copy(readers[1], 64 * MiB, 80 * MiB, 128 * 1024)
+    assert readers[1].window == 64 * MiB // 15
+
+
+def test_the_budget_refuses_what_it_does_not_have() -> None:
+    budget = PrefetchBudget(10 * MiB)
+    assert budget.take(8 * MiB) and not budget.take(4 * MiB)
+    budget.give(8 * MiB)
+    assert budget.take(10 * MiB) and budget.used == 10 * MiB
+
+
+def test_the_end_of_the_file_is_fetched_in_one_last_short_request() -> None:
+    size = 3 * MiB + 1000
+    p = pattern(size=size)
+    made = copy(p, 0, size, 128 * 1024)
+    assert made[-1][0] + made[-1][1] == size
+    assert sum(length for _, length in made) == size - CHUNK
+
+
+@given(reads=st.lists(st.tuples(st.integers(0, 64 * MiB), st.integers(1, 2 * MiB)),
+                      max_size=60),
+       size=st.integers(1, 64 * MiB))
+def test_requests_are_aligned_inside_the_file_and_never_repeat_in_a_run(
+        reads: list[tuple[int, int]], size: int) -> None:
+    budget = PrefetchBudget(16 * MiB)
+    p = ReadPattern(budget, size, max_ahead=8 * MiB, max_request=2 * MiB)
+    asked: set[int] = set()
+    for offset, length in reads:
+        if offset >= size:
+            continue
+        length = min(length, size - offset)
+        was = p.sequential
+        plans = p.advise(offset, length)
+        if not (was and p.sequential):
+            asked.clear()  # a new run may ask again for what an old one did
+        for start, n in plans:
+            assert start % CHUNK == 0 and 0 < n <= 2 * MiB and start + n <= size
+            chunks = set(chunk_range(start, start + n))
+            assert not chunks & asked
+            asked |= chunks
+            p.issued(start, n)
+        assert p.window <= 8 * MiB
+    p.stop()
+    assert not p.sequential

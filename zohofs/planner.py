@@ -1,0 +1,136 @@
+"""What to fetch for a read: request sizes that follow the reader, one prefetch budget.
+
+No I/O here: the filesystem asks :class:`ReadPattern` what to fetch ahead of each read and
+fetches it; the policy is tested without a server.
+
+Everything is fetched and cached in chunks of :data:`CHUNK` bytes at multiples of
+:data:`CHUNK` (the last chunk of a file is shorter), whatever the size of the request that
+brought them: a random read costs the chunks it touches, while a sequential reader's
+requests cover many chunks at once. With one grid, ranges of different sizes can never
+overlap in the cache.
+"""
+
+from __future__ import annotations
+
+KiB = 1024
+MiB = 1024 * KiB
+
+# The cache's unit and every request's alignment: small enough that a random read fetches
+# little more than it asks for, big enough that a GiB is not too many Python objects.
+CHUNK = 128 * KiB
+# What a new sequential run fetches ahead of its reader at first: one mid-sized request.
+FIRST_WINDOW = 1 * MiB
+# A run is proven sequential, and fetched ahead of, once this much was read in it (or at
+# once when it starts at byte 0, as copies do): a buffered reader's one big read after a
+# seek reaches FUSE as several consecutive requests, which is no sequential run.
+PROVEN_RUN = 2 * MiB
+# Reads that start within this distance of where the last one ended are sequential: the
+# kernel's readahead and parallel FUSE requests arrive slightly out of order.
+SLACK = 1 * MiB
+
+
+def chunk_range(start: int, end: int) -> range:
+    """The indices of the chunks holding bytes ``[start, end)``."""
+    return range(start // CHUNK, -(-end // CHUNK))
+
+
+class PrefetchBudget:
+    """Bytes fetched ahead of readers and not yet read, for the whole mount.
+
+    Shared equally by the readers that are in a sequential run, so that readers never
+    evict each other's prefetched chunks: those stay out of the evictable cache until read.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._readers: set[ReadPattern] = set()
+
+    def share(self) -> int:
+        return self.capacity // max(1, len(self._readers))
+
+    def join(self, reader: ReadPattern) -> None:
+        self._readers.add(reader)
+
+    def leave(self, reader: ReadPattern) -> None:
+        self._readers.discard(reader)
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.capacity:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+        assert self.used >= 0, "prefetch budget given back twice"
+
+
+class ReadPattern:
+    """How one open file is being read, and what to fetch ahead of it.
+
+    A read that continues the previous one extends a sequential run. Once the run is
+    proven (:data:`PROVEN_RUN`), the window fetched ahead is as large as the run so far
+    (from :data:`FIRST_WINDOW`, at most ``max_ahead`` and the reader's share of the
+    budget), cut into requests of half the window (at most ``max_request``), so a copy
+    soon has a few large requests in flight. Any other read ends the run: it fetches only
+    the chunks it touches.
+    """
+
+    def __init__(self, budget: PrefetchBudget, size: int, *, max_ahead: int,
+                 max_request: int) -> None:
+        self._budget = budget
+        self._size = size
+        self._max_ahead = max_ahead
+        self._max_request = max(CHUNK, max_request - max_request % CHUNK)
+        self._next: int | None = None  # where the last read ended
+        self._run = 0  # bytes read in the current sequential run
+        self._run_start = 0
+        self._issued = 0  # fetches of this run reach up to here (chunk-aligned or EOF)
+        self.window = 0
+
+    @property
+    def sequential(self) -> bool:
+        return self.window > 0
+
+    def advise(self, offset: int, size: int) -> list[tuple[int, int]]:
+        """Record a read; return the ``(start, length)`` requests to make ahead of it,
+        in order. The caller takes each from the budget, and stops at the first it cannot."""
+        end = offset + size
+        if self._next is None:
+            sequential = offset == 0  # a copy starts at 0: start the run at once
+        else:
+            sequential = self._next - SLACK <= offset <= self._next + SLACK
+        if not sequential:
+            self.stop()
+            self._next, self._run, self._run_start = end, size, offset
+            return []
+        self._run += size
+        self._next = max(self._next or 0, end)
+        if self._run < PROVEN_RUN and self._run_start != 0:
+            return []
+        if self.window == 0:
+            self._budget.join(self)
+            self._issued = 0
+        self.window = min(self._max_ahead, self._budget.share(), max(FIRST_WINDOW, self._run))
+        if self.window < CHUNK:  # no budget to spare: fetch on demand
+            return []
+        request = min(self._max_request, max(CHUNK, self.window // 2 // CHUNK * CHUNK))
+        start = max(self._issued, -(-end // CHUNK) * CHUNK)
+        target = min(self._size, self._next + self.window)
+        plans = []
+        while start < target and (target - start >= request or target == self._size):
+            length = min(request, self._size - start)
+            plans.append((start, length))
+            start += length
+        return plans
+
+    def issued(self, start: int, length: int) -> None:
+        """The caller made (or found already made) the request ``advise`` proposed."""
+        self._issued = max(self._issued, start + length)
+
+    def stop(self) -> None:
+        """The run is over (a jump, or the file was closed)."""
+        if self.window:
+            self._budget.leave(self)
+        self.window = self._run = 0
