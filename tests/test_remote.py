@@ -171,7 +171,7 @@ async def test_concurrent_reads_of_a_block_cost_one_get(
     results: list[bytes] = []
 
     async def read(fh: int) -> None:
-        results.append(bytes(await fs.read(fh, MiB + 10, 2 * MiB)))
+        results.append(b"".join(await fs.read(fh, MiB + 10, 2 * MiB)))
 
     async with trio.open_nursery() as nursery:
         for fh in handles:
@@ -191,7 +191,7 @@ async def test_sequential_reads_prefetch_ahead(
     fh, _ = await fs.open(fs.files[0].ino, 0)
     async with trio.open_nursery() as nursery:
         fs.start(nursery)
-        assert bytes(await fs.read(fh, 0, 4096)) == backup.files[NAME][:4096]
+        assert b"".join(await fs.read(fh, 0, 4096)) == backup.files[NAME][:4096]
     # The nursery waited for the prefetch: the chunks after the first were fetched
     # although nobody read them.
     assert any(r.headers["Range"].startswith(f"bytes={CHUNK}-") for r in emulator.gets(NAME))
@@ -230,4 +230,4 @@ async def test_any_read_returns_the_servers_bytes(
         fs.start(nursery)
         fh, _ = await fs.open(fs.files[0].ino, os.O_RDONLY)
         for offset, size in reads:
-            assert bytes(await fs.read(fh, offset, size)) == data[offset:offset + size]
+            assert b"".join(await fs.read(fh, offset, size)) == data[offset:offset + size]

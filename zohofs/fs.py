@@ -391,8 +391,9 @@ class ZohoFS:
             node.stream.close()  # nobody reads on: give the connection back
             node.stream = None
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
-        """Exactly ``size`` bytes at ``offset``, fewer only at end of file; within the read
+    async def read(self, fh: int, offset: int, size: int) -> list[memoryview]:
+        """Exactly ``size`` bytes at ``offset``, fewer only at end of file, as views of the
+        cached chunks in order (joining them is the caller's copy to make); within the read
         deadline, or ReadTimeout."""
         handle = self._open.get(fh)
         if handle is None:
@@ -412,10 +413,10 @@ class ZohoFS:
                               f"{self.read_deadline:g} s read deadline (the server is too "
                               "slow or not answering; see --read-timeout)")
 
-    async def _read(self, handle: OpenFile, offset: int, size: int) -> bytes | memoryview:
+    async def _read(self, handle: OpenFile, offset: int, size: int) -> list[memoryview]:
         end = min(offset + size, handle.info.size)
         if offset >= end:
-            return b""
+            return []
         wanted = chunk_range(offset, end)
         if not handle.info.ranges:
             with self._doubting(handle):
@@ -443,9 +444,9 @@ class ZohoFS:
             pieces = [await self._chunk(handle, i) for i in wanted]
         first = offset - wanted.start * CHUNK
         if len(pieces) == 1:
-            return pieces[0][first:first + end - offset]
+            return [pieces[0][first:first + end - offset]]
         last = end - (wanted.stop - 1) * CHUNK
-        return b"".join([pieces[0][first:], *pieces[1:-1], pieces[-1][:last]])
+        return [pieces[0][first:], *pieces[1:-1], pieces[-1][:last]]
 
     def _key(self, handle: OpenFile, index: int) -> Hashable:
         # The version is part of the key: bytes of two versions of a file never mix.

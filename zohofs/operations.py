@@ -77,6 +77,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.direct_io = direct_io
+        self._reply = bytearray()
         # Set once the kernel's INIT request has been answered: settings the kernel takes
         # from that answer (such as readahead) can only be changed after it.
         self.initialised = trio.Event()
@@ -142,10 +143,24 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def read(  # type: ignore[override]
-            self, fh: int, off: int, size: int) -> bytes | memoryview:
-        # pyfuse3 takes any buffer here (it calls PyObject_GetBuffer): a memoryview into a
-        # cached block spares a copy per kernel read.
-        return await self.fs.read(fh, off, size)
+            self, fh: int, off: int, size: int) -> memoryview:
+        # pyfuse3 takes any buffer here (it calls PyObject_GetBuffer): a view into a cached
+        # chunk spares a copy per kernel read.
+        pieces = await self.fs.read(fh, off, size)
+        if len(pieces) == 1:
+            return pieces[0]
+        # Several chunks are copied into one reply buffer, reused by every read: pyfuse3
+        # sends the reply before it awaits anything (fuse_reply_buf right after this
+        # coroutine returns), so no other read can overwrite it first. A fresh buffer per
+        # read cost a MiB of page faults each time.
+        length = sum(len(p) for p in pieces)
+        if len(self._reply) < length:
+            self._reply = bytearray(length)
+        position = 0
+        for piece in pieces:
+            self._reply[position:position + len(piece)] = piece
+            position += len(piece)
+        return memoryview(self._reply)[:length]
 
     @handler
     async def release(self, fh: int) -> None:
