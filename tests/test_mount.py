@@ -298,7 +298,7 @@ def test_the_token_never_reaches_the_log(mount: MountFactory, backup: Backup) ->
 def test_a_server_that_ignores_range_still_serves_exact_bytes(
         mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path) -> None:
     emulator.add_fault("ignore_range", count=None)
-    m = mount("--cache-size", "2")  # two blocks: going back means starting over
+    m = mount("--cache-size", "2")  # less than the file: going back means starting over
     m.expect_log("ignores Range requests")
     name = "Attachments_001.zip"
     data = backup.files[name]
@@ -316,4 +316,4 @@ def test_a_server_that_ignores_range_still_serves_exact_bytes(
             assert os.pread(fd, 70000, offset) == data[offset:offset + 70000]
     finally:
         os.close(fd)
-    assert len(data_gets(emulator, name)) > 3  # it did start over, and still got it right
+    assert len(data_gets(emulator, name)) > 1  # it did start over, and still got it right

@@ -7,6 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
+from zohofs.cache import ChunkCache
 from zohofs.planner import CHUNK, FIRST_WINDOW, MiB, PrefetchBudget, ReadPattern, chunk_range
 
 SIZE = 1 << 30
@@ -141,3 +142,17 @@ def test_requests_are_aligned_inside_the_file_and_never_repeat_in_a_run(
         assert p.window <= 8 * MiB
     p.stop()
     assert not p.sequential
+
+
+def test_held_chunks_outlive_lru_pressure_and_share_the_capacity() -> None:
+    cache = ChunkCache(4 * CHUNK)
+    view = memoryview(bytes(CHUNK))
+    cache.begin(["ahead"])
+    cache.arrive("ahead", view, hold=True)
+    for i in range(10):  # other readers' chunks stream through the LRU
+        cache.put(i, view)
+    assert cache.peek("ahead") is view  # never evicted while held
+    assert [i for i in range(10) if cache.peek(i) is not None] == [7, 8, 9]  # 3 + 1 held
+    cache.release("ahead")  # read at last: now it is the most recently used, evictable
+    cache.put(10, view)
+    assert cache.peek("ahead") is view and cache.peek(7) is None and cache.held_bytes == 0

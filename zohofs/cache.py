@@ -28,7 +28,8 @@ class ChunkCache:
     - *in flight*: a request for it is out; its :class:`Flight` tells waiters the outcome.
     - *held*: fetched ahead for a reader that has not read it yet; never evicted (the
       prefetch budget bounds these), moved to the LRU once read or no longer wanted.
-    - the *LRU*: everything else, evicted least recently used first.
+    - the *LRU*: everything else, evicted least recently used first, so that held and
+      LRU chunks together stay within ``capacity`` bytes.
 
     Registering flights happens with no ``await`` after checking that a chunk is nowhere,
     so two readers never fetch the same chunk.
@@ -38,6 +39,7 @@ class ChunkCache:
         self._lru: cachetools.LRUCache[Hashable, memoryview] = cachetools.LRUCache(
             maxsize=capacity, getsizeof=len)
         self._held: dict[Hashable, memoryview] = {}
+        self.held_bytes = 0
         self._flights: dict[Hashable, Flight] = {}
         self.capacity = capacity
         self.hits = self.misses = 0
@@ -64,8 +66,10 @@ class ChunkCache:
         flight = self._flights.pop(key, None)
         if hold:
             self._held[key] = data
-        elif len(data) <= self.capacity:
-            self._lru[key] = data
+            self.held_bytes += len(data)
+            self._make_room()
+        else:
+            self.put(key, data)
         if flight is not None:
             flight.data = data
             flight.done.set()
@@ -79,14 +83,16 @@ class ChunkCache:
     def release(self, key: Hashable) -> None:
         """A held chunk was read, or its reader left: from now on it may be evicted."""
         data = self._held.pop(key, None)
-        if data is not None and len(data) <= self.capacity:
-            self._lru[key] = data
+        if data is not None:
+            self.held_bytes -= len(data)
+            self.put(key, data)
 
     def put(self, key: Hashable, data: memoryview) -> None:
-        """Keep a chunk that arrived without a flight of its own (a streamed file)."""
-        if len(data) <= self.capacity:
+        """Keep a chunk in the LRU (one that arrived without a flight: a streamed file)."""
+        if len(data) + self.held_bytes <= self.capacity:
             self._lru[key] = data
+            self._make_room()
 
-    @property
-    def held_bytes(self) -> int:
-        return sum(len(d) for d in self._held.values())
+    def _make_room(self) -> None:
+        while self._lru and self._lru.currsize + self.held_bytes > self.capacity:
+            self._lru.popitem()

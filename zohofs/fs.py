@@ -147,10 +147,11 @@ class ZohoFS:
                  uid: int | None = None, gid: int | None = None,
                  read_deadline: float = READ_DEADLINE) -> None:
         self._reader = reader
-        # Half the cache may hold chunks fetched ahead of readers (never evicted before
-        # they are read), the rest is an LRU of what was read.
+        # Up to half the cache may hold chunks fetched ahead of readers (never evicted
+        # before they are read); what was read fills the rest, and all of it when nothing
+        # is being fetched ahead.
         self._budget = PrefetchBudget(cache_size // 2)
-        self._cache = ChunkCache(cache_size - self._budget.capacity)
+        self._cache = ChunkCache(cache_size)
         self._tokens = tokens
         # Called with a name a lookup did not find; True if it refreshed the listing.
         self.on_miss: Callable[[str], Awaitable[bool]] | None = None

@@ -24,8 +24,10 @@ FIRST_WINDOW = 1 * MiB
 # once when it starts at byte 0, as copies do): a buffered reader's one big read after a
 # seek reaches FUSE as several consecutive requests, which is no sequential run.
 PROVEN_RUN = 2 * MiB
-# Reads that start within this distance of where the last one ended are sequential: the
-# kernel's readahead and parallel FUSE requests arrive slightly out of order.
+# Reads that start this little before where the last one ended are still sequential: the
+# kernel's readahead and parallel FUSE requests arrive slightly out of order. Forward, the
+# slack is two requests: through the page cache the kernel's readahead runs that far ahead
+# of the reader (the mount raises it to that).
 SLACK = 1 * MiB
 
 
@@ -100,7 +102,7 @@ class ReadPattern:
         if self._next is None:
             sequential = offset == 0  # a copy starts at 0: start the run at once
         else:
-            sequential = self._next - SLACK <= offset <= self._next + SLACK
+            sequential = self._next - SLACK <= offset <= self._next + 2 * self._max_request
         if not sequential:
             self.stop()
             self._next, self._run, self._run_start = end, size, offset
