@@ -72,11 +72,12 @@ class ReadPattern:
     """How one open file is being read, and what to fetch ahead of it.
 
     A read that continues the previous one extends a sequential run. Once the run is
-    proven (:data:`PROVEN_RUN`), the window fetched ahead is as large as the run so far
-    (from :data:`FIRST_WINDOW`, at most ``max_ahead`` and the reader's share of the
-    budget), cut into requests of half the window (at most ``max_request``), so a copy
-    soon has a few large requests in flight. Any other read ends the run: it fetches only
-    the chunks it touches.
+    proven (:data:`PROVEN_RUN`), the window fetched ahead is twice the run so far (from
+    :data:`FIRST_WINDOW`, at most ``max_ahead`` and the reader's share of the budget), cut
+    into requests of a quarter of the window (at most ``max_request``): a copy has about
+    four requests in flight from the start, and soon large ones. Four at once is what a
+    host's connections take; over links capped per connection that is what counts. Any
+    other read ends the run: it fetches only the chunks it touches.
     """
 
     def __init__(self, budget: PrefetchBudget, size: int, *, max_ahead: int,
@@ -114,10 +115,10 @@ class ReadPattern:
         if self.window == 0:
             self._budget.join(self)
             self._issued = 0
-        self.window = min(self._max_ahead, self._budget.share(), max(FIRST_WINDOW, self._run))
+        self.window = min(self._max_ahead, self._budget.share(), max(FIRST_WINDOW, 2 * self._run))
         if self.window < CHUNK:  # no budget to spare: fetch on demand
             return []
-        request = min(self._max_request, max(CHUNK, self.window // 2 // CHUNK * CHUNK))
+        request = min(self._max_request, max(CHUNK, self.window // 4 // CHUNK * CHUNK))
         start = max(self._issued, -(-end // CHUNK) * CHUNK)
         target = min(self._size, self._next + self.window)
         plans = []
