@@ -7,6 +7,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
+from zohofs.buffers import BufferPool
 from zohofs.cache import ChunkCache
 from zohofs.planner import CHUNK, FIRST_WINDOW, MiB, PrefetchBudget, ReadPattern, chunk_range
 
@@ -156,3 +157,22 @@ def test_held_chunks_outlive_lru_pressure_and_share_the_capacity() -> None:
     cache.release("ahead")  # read at last: now it is the most recently used, evictable
     cache.put(10, view)
     assert cache.peek("ahead") is view and cache.peek(7) is None and cache.held_bytes == 0
+
+
+def test_a_buffer_is_used_again_only_when_nothing_refers_to_it() -> None:
+    pool = BufferPool(CHUNK, limit=4)
+    cache = ChunkCache(2 * CHUNK, on_evict=pool.give)
+    first = pool.take()
+    still_read = memoryview(first).toreadonly()[:10]  # on its way to the kernel, say
+    cache.put("a", memoryview(first).toreadonly())
+    del first
+    second = pool.take()
+    second_id = id(second)
+    cache.put("b", memoryview(second).toreadonly())
+    del second
+    cache.put("c", memoryview(pool.take()).toreadonly())  # evicts "a" into the pool
+    assert cache.peek("a") is None
+    fresh = pool.take()
+    assert fresh is not still_read.obj  # a view of it is alive: not handed out again
+    cache.put("d", memoryview(fresh).toreadonly())  # evicts "b": nothing refers to it
+    assert id(pool.take()) == second_id

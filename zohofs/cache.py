@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 import cachetools
 import trio
@@ -22,6 +22,17 @@ class Abandoned(Exception):
     gave up): whoever needs the chunk fetches it again."""
 
 
+class _LRU(cachetools.LRUCache[Hashable, memoryview]):
+    def __init__(self, capacity: int, on_evict: Callable[[memoryview], None]) -> None:
+        super().__init__(maxsize=capacity, getsizeof=len)
+        self._on_evict = on_evict
+
+    def popitem(self) -> tuple[Hashable, memoryview]:
+        key, data = super().popitem()
+        self._on_evict(data)
+        return key, data
+
+
 class ChunkCache:
     """Chunks keyed by ``(file key, chunk index)``, in three places.
 
@@ -29,17 +40,19 @@ class ChunkCache:
     - *held*: fetched ahead for a reader that has not read it yet; never evicted (the
       prefetch budget bounds these), moved to the LRU once read or no longer wanted.
     - the *LRU*: everything else, evicted least recently used first, so that held and
-      LRU chunks together stay within ``capacity`` bytes.
+      LRU chunks together stay within ``capacity`` bytes, and so do the LRU and what
+      ``reserved`` says is held or on its way to be.
 
     Registering flights happens with no ``await`` after checking that a chunk is nowhere,
     so two readers never fetch the same chunk.
     """
 
-    def __init__(self, capacity: int) -> None:
-        self._lru: cachetools.LRUCache[Hashable, memoryview] = cachetools.LRUCache(
-            maxsize=capacity, getsizeof=len)
+    def __init__(self, capacity: int, reserved: Callable[[], int] = lambda: 0,
+                 on_evict: Callable[[memoryview], None] = lambda data: None) -> None:
+        self._lru = _LRU(capacity, on_evict)
         self._held: dict[Hashable, memoryview] = {}
         self.held_bytes = 0
+        self._reserved = reserved
         self._flights: dict[Hashable, Flight] = {}
         self.capacity = capacity
         self.hits = self.misses = 0
@@ -89,10 +102,13 @@ class ChunkCache:
 
     def put(self, key: Hashable, data: memoryview) -> None:
         """Keep a chunk in the LRU (one that arrived without a flight: a streamed file)."""
-        if len(data) + self.held_bytes <= self.capacity:
+        if len(data) + self._room_taken() <= self.capacity:
             self._lru[key] = data
             self._make_room()
 
     def _make_room(self) -> None:
-        while self._lru and self._lru.currsize + self.held_bytes > self.capacity:
+        while self._lru and self._lru.currsize + self._room_taken() > self.capacity:
             self._lru.popitem()
+
+    def _room_taken(self) -> int:
+        return max(self.held_bytes, self._reserved())

@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 import trio
 
 from zohofs.auth import TokenSource
+from zohofs.buffers import BufferPool
 from zohofs.cache import Abandoned, ChunkCache
 from zohofs.errors import (
     AccessDenied,
@@ -59,6 +60,9 @@ READ_DEADLINE = 60.0
 # A failed probe is not repeated sooner than this: the kernel serialises lookups of one
 # name, so without it N readers of a failing file would probe it N times in a row.
 FAILED_PROBE_TTL = 1.0
+# Buffers of evicted chunks kept for the next ones (16 MiB): a copy recycles them as fast
+# as it reads.
+BUFFERS_KEPT = 128
 # st_blksize: Python's open(), stdio and rsync read this much after every seek, cp and cat
 # that much at a time (at least 128 KiB). 1 MiB keeps a random buffered read to about a
 # MiB fetched, while copies still send FUSE its largest reads (1 MiB).
@@ -151,7 +155,10 @@ class ZohoFS:
         # before they are read); what was read fills the rest, and all of it when nothing
         # is being fetched ahead.
         self._budget = PrefetchBudget(cache_size // 2)
-        self._cache = ChunkCache(cache_size)
+        # Chunks on their way count too: the cache's memory stays within its size.
+        self._buffers = BufferPool(CHUNK, limit=BUFFERS_KEPT)
+        self._cache = ChunkCache(cache_size, reserved=lambda: self._budget.used,
+                                 on_evict=self._buffers.give)
         self._tokens = tokens
         # Called with a name a lookup did not find; True if it refreshed the listing.
         self.on_miss: Callable[[str], Awaitable[bool]] | None = None
@@ -570,7 +577,8 @@ class ZohoFS:
         try:
             with self._doubting(handle):
                 return await self._reader.fetch(file.url, start, length, handle.info,
-                                                self._tokens[file.account], piece=CHUNK)
+                                                self._tokens[file.account], piece=CHUNK,
+                                                buffers=self._buffers)
         except AccessDenied:
             check_expiry(file)  # the link may have expired while the request was out
             raise

@@ -20,6 +20,7 @@ import tenacity
 import trio
 
 from zohofs.auth import TokenSource, authorization_header
+from zohofs.buffers import BufferPool
 from zohofs.errors import (
     AccessDenied,
     BadAnswer,
@@ -178,9 +179,11 @@ class RangeReader:
         return await self._with_retries(url, {"Range": "bytes=0-0"}, tokens, _read_probe)
 
     async def fetch(self, url: str, start: int, length: int, info: RemoteInfo,
-                    tokens: TokenSource, piece: int | None = None) -> list[memoryview]:
+                    tokens: TokenSource, piece: int | None = None,
+                    buffers: BufferPool | None = None) -> list[memoryview]:
         """Exactly the bytes ``[start, start+length)`` of the file ``info`` describes, in
-        pieces of ``piece`` bytes (the last shorter; default: one piece)."""
+        pieces of ``piece`` bytes (the last shorter; default: one piece), read into
+        buffers from ``buffers`` where they fit."""
         if length <= 0 or start < 0 or start + length > info.size:
             raise BadAnswer(f"range {start}+{length} outside a file of {info.size} bytes")
         headers = {"Range": f"bytes={start}-{start + length - 1}"}
@@ -193,7 +196,7 @@ class RangeReader:
                                                                      usegmt=True)
 
         def read(response: http.client.HTTPResponse, url: str) -> list[memoryview]:
-            return _read_range(response, url, start, length, info, piece or length)
+            return _read_range(response, url, start, length, info, piece or length, buffers)
 
         return await self._with_retries(url, headers, tokens, read)
 
@@ -405,7 +408,8 @@ def _read_probe(response: http.client.HTTPResponse, url: str) -> RemoteInfo:
 
 
 def _read_range(response: http.client.HTTPResponse, url: str, start: int, length: int,
-                info: RemoteInfo, piece: int) -> list[memoryview]:
+                info: RemoteInfo, piece: int,
+                buffers: BufferPool | None) -> list[memoryview]:
     where = f"{redact_url(url)} bytes {start}-{start + length - 1}"
     status = response.status
     if status == 412:
@@ -425,7 +429,7 @@ def _read_range(response: http.client.HTTPResponse, url: str, start: int, length
     if status == 200:
         # A whole-file answer is only the range we asked for when the range is the file.
         if start == 0 and length == info.size and response.length == length:
-            return read_pieces(response, length, piece)
+            return read_pieces(response, length, piece, buffers)
         raise BadAnswer(f"{where}: the server ignored Range (HTTP 200); refusing to guess")
     parsed = parse_content_range(response.headers.get("Content-Range"))
     if parsed != (start, start + length - 1, info.size):
@@ -441,7 +445,7 @@ def _read_range(response: http.client.HTTPResponse, url: str, start: int, length
                         "does not match the request")
     if response.length is not None and response.length != length:
         raise BadAnswer(f"{where}: Content-Length {response.length} does not match the request")
-    data = read_pieces(response, length, piece)
+    data = read_pieces(response, length, piece, buffers)
     if response.length is None and response.read(1):
         raise BadAnswer(f"{where}: the body is longer than its Content-Range")
     return data

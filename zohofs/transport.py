@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import TypeVar
 from urllib.parse import quote, urlsplit
 
+from zohofs.buffers import BufferPool
 from zohofs.errors import BadAnswer, TransportError
 from zohofs.hosts import host_port
 
@@ -246,21 +247,23 @@ def read_exactly(response: http.client.HTTPResponse, length: int) -> memoryview:
     return read_pieces(response, length, length)[0]
 
 
-def read_pieces(response: http.client.HTTPResponse, length: int,
-                piece: int) -> list[memoryview]:
+def read_pieces(response: http.client.HTTPResponse, length: int, piece: int,
+                buffers: BufferPool | None = None) -> list[memoryview]:
     """The next ``length`` body bytes as pieces of ``piece`` bytes (the last shorter), or
     TransportError if the body ends early.
 
-    Each piece is read straight into its own buffer: the cache keeps pieces apart, so none
-    is copied, and a piece evicted frees exactly its memory. Read-only views: turning them
-    into ``bytes`` would be a copy made holding the GIL, which stalls the thread serving
-    FUSE.
+    Each piece is read straight into a buffer of its own (one of ``buffers`` when given and
+    the size fits): the cache keeps pieces apart, so none is copied, and an evicted piece
+    frees exactly its buffer. Read-only views: turning them into ``bytes`` would be a copy
+    made holding the GIL, which stalls the thread serving FUSE.
     """
     pieces = []
     got = 0
     try:
         for offset in range(0, length, piece):
-            view = memoryview(bytearray(min(piece, length - offset)))
+            size = min(piece, length - offset)
+            view = memoryview(buffers.take() if buffers is not None and size == buffers.size
+                              else bytearray(size))
             filled = 0
             while filled < len(view):
                 n = response.readinto(view[filled:])
