@@ -64,7 +64,7 @@ def test_tokens_expiring_under_a_copy_are_renewed_transparently(
 
 def test_an_expired_token_is_renewed_once_and_the_read_retried(
         oauth_mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
-    m = oauth_mount()
+    m = oauth_mount("--readahead", "0")  # the rest of the file is fetched after the expiry
     m.expect_log(r"HTTP 401 INVALID_OAUTHSCOPE")
     name = "Attachments_001.zip"
     with open(m.path / JOB / name, "rb", buffering=0) as f:

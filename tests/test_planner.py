@@ -93,10 +93,13 @@ def test_reads_slightly_out_of_order_stay_sequential() -> None:
 def test_readers_share_the_budget_equally() -> None:
     budget = PrefetchBudget(64 * MiB)
     readers = [pattern(budget) for _ in range(16)]
+    made = []
     for offset in range(0, 64 * MiB, MiB):  # sixteen copies side by side
         for r in readers:
-            copy(r, offset, offset + MiB, 128 * 1024)
+            made += copy(r, offset, offset + MiB, 128 * 1024)
     assert all(r.window == 4 * MiB for r in readers)
+    # The connections are shared by many readers: each makes whole-window requests.
+    assert made[-1][1] == 4 * MiB
     # One leaves: the others may grow into its share.
     readers[0].stop()
     copy(readers[1], 64 * MiB, 80 * MiB, 128 * 1024)

@@ -24,6 +24,9 @@ FIRST_WINDOW = 1 * MiB
 # once when it starts at byte 0, as copies do): a buffered reader's one big read after a
 # seek reaches FUSE as several consecutive requests, which is no sequential run.
 PROVEN_RUN = 2 * MiB
+# Requests a sequential reader keeps in flight, shared by the readers in a run: what a
+# host's connections take at once.
+IN_FLIGHT = 4
 # Reads that start this little before where the last one ended are still sequential: the
 # kernel's readahead and parallel FUSE requests arrive slightly out of order. Forward, the
 # slack is two requests: through the page cache the kernel's readahead runs that far ahead
@@ -48,8 +51,12 @@ class PrefetchBudget:
         self.used = 0
         self._readers: set[ReadPattern] = set()
 
+    @property
+    def readers(self) -> int:
+        return len(self._readers)
+
     def share(self) -> int:
-        return self.capacity // max(1, len(self._readers))
+        return self.capacity // max(1, self.readers)
 
     def join(self, reader: ReadPattern) -> None:
         self._readers.add(reader)
@@ -76,8 +83,9 @@ class ReadPattern:
     :data:`FIRST_WINDOW`, at most ``max_ahead`` and the reader's share of the budget), cut
     into requests of a quarter of the window (at most ``max_request``): a copy has about
     four requests in flight from the start, and soon large ones. Four at once is what a
-    host's connections take; over links capped per connection that is what counts. Any
-    other read ends the run: it fetches only the chunks it touches.
+    host's connections take; over links capped per connection that is what counts. With
+    several readers in runs, each cuts its window into fewer, larger requests. Any other
+    read ends the run: it fetches only the chunks it touches.
     """
 
     def __init__(self, budget: PrefetchBudget, size: int, *, max_ahead: int,
@@ -118,7 +126,10 @@ class ReadPattern:
         self.window = min(self._max_ahead, self._budget.share(), max(FIRST_WINDOW, 2 * self._run))
         if self.window < CHUNK:  # no budget to spare: fetch on demand
             return []
-        request = min(self._max_request, max(CHUNK, self.window // 4 // CHUNK * CHUNK))
+        # Four requests in flight for the mount: a lone reader's window in four, and
+        # fewer, larger ones per reader when several share the connections.
+        parts = max(1, IN_FLIGHT // max(1, self._budget.readers))
+        request = min(self._max_request, max(CHUNK, self.window // parts // CHUNK * CHUNK))
         start = max(self._issued, -(-end // CHUNK) * CHUNK)
         target = min(self._size, self._next + self.window)
         plans = []
