@@ -33,6 +33,15 @@ def no_mount_left_behind() -> Iterator[None]:
     assert not leftover, f"mounts left behind by the suite: {leftover}"
 
 
+@pytest.fixture(autouse=True)
+def private_token_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's zohofs processes share access tokens with each other only: not with
+    other tests, nor with the user's own zohofs."""
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    return tmp_path / "state" / "zohofs"
+
+
 @pytest.fixture(scope="session")
 def backup() -> Backup:
     """Data_001 plus three attachment parts, 12 MiB in all."""

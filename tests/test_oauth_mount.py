@@ -240,8 +240,44 @@ def test_ls_lists_without_mounting(emulator: Emulator, account: EmulatedAccount,
         [ZGID, backup.job_id, name, str(len(data))] for name, data in backup.files.items())
     assert {datetime.fromisoformat(r[4]) for r in rows} == {emulator.links_expire}
     del emulator.accounts[account.refresh_token]
+    emulator.expire_access_tokens()  # else the next run uses the token the first one left
     result = run_zohofs("ls", "--config", str(cfg), *trust)
     assert result.returncode == 1 and "zohofs login" in result.stderr
+
+
+def test_ls_runs_mounts_and_restarts_share_one_access_token(
+        oauth_mount: MountFactory, emulator: Emulator, account: EmulatedAccount,
+        backup: Backup, tmp_path: Path, private_token_store: Path) -> None:
+    cfg = write_config(tmp_path / "c.toml", emulator, account)
+    trust = ("--trust-host", f"127.0.0.1:{emulator.port}")
+    for _ in range(20):  # set-up by trial and error, a cron check
+        result = run_zohofs("ls", "--config", str(cfg), *trust)
+        assert result.returncode == 0, result.stderr
+    for i in range(3):  # a mount, and two restarts
+        m = oauth_mount(name=f"mnt{i}")
+        assert os.listdir(m.path) == [ZGID]
+        assert (m.path / JOB / "Data_001.zip").read_bytes() == backup.files["Data_001.zip"]
+        assert m.stop() == 0
+    assert sum(p == "/oauth/v2/token" for p in emulator.arrived) == 1
+    [store] = private_token_store.glob("tokens-*.json")
+    assert stat.S_IMODE(store.stat().st_mode) == 0o600
+    assert account.refresh_token not in store.read_text()
+    assert account.client_secret not in store.read_text()
+
+
+def test_a_lock_out_one_process_met_holds_every_process_back(
+        emulator: Emulator, account: EmulatedAccount, tmp_path: Path) -> None:
+    emulator.throttle_limit = 0  # Zoho has locked this client out
+    cfg = write_config(tmp_path / "c.toml", emulator, account)
+    trust = ("--trust-host", f"127.0.0.1:{emulator.port}")
+    first = run_zohofs("ls", "--config", str(cfg), *trust)
+    assert first.returncode != 0 and "too many requests" in first.stderr
+    assert "will not ask again before" in first.stderr
+    posts = sum(p == "/oauth/v2/token" for p in emulator.arrived)
+    second = run_zohofs("ls", "--config", str(cfg), *trust)
+    assert second.returncode == first.returncode
+    assert "will not ask again before" in second.stderr and "too many requests" in second.stderr
+    assert sum(p == "/oauth/v2/token" for p in emulator.arrived) == posts  # not asked again
 
 
 def test_login_stores_the_refresh_token_privately(

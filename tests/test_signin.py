@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +15,7 @@ from zohofs.emulator.backup import Backup
 from zohofs.emulator.server import EmulatedAccount, Emulator
 from zohofs.errors import DiscoveryError, SignInError, SignInThrottled
 from zohofs.hosts import HostPolicy
+from zohofs.tokenstore import TokenStore
 from zohofs.zoho import list_backup, parse_listing, trusted_api_url
 
 
@@ -210,3 +212,30 @@ def test_api_domain_must_be_a_zoho_api_host() -> None:
     assert trusted_api_url("https://evil.example", "https://www.zohoapis.com") == (
         "https://www.zohoapis.com")
     assert trusted_api_url(None, "fallback") == "fallback"
+
+
+async def test_processes_with_one_store_share_a_token_and_a_damaged_store_costs_one(
+        client: httpx.AsyncClient, emulator: Emulator, account: EmulatedAccount,
+        tmp_path: Path) -> None:
+    def with_store() -> OAuthTokens:
+        return OAuthTokens(client, emulator.base_url, Credentials(
+            account.client_id, account.client_secret, account.refresh_token),
+            store=TokenStore(tmp_path, emulator.base_url, account.client_id))
+
+    store = TokenStore(tmp_path, emulator.base_url, account.client_id)
+    store.path.write_text("{not json")
+    first = await with_store().token()  # the damaged store is not a failure
+    assert await with_store().token() == first  # a second process asks nobody
+    assert posts(emulator) == 1
+    assert json.loads(store.path.read_text())["token"] == first
+
+
+async def test_an_unusable_store_leaves_tokens_per_process(
+        client: httpx.AsyncClient, emulator: Emulator, account: EmulatedAccount,
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "a-file").write_text("")
+    tokens = OAuthTokens(client, emulator.base_url, Credentials(
+        account.client_id, account.client_secret, account.refresh_token),
+        store=TokenStore(tmp_path / "a-file" / "state", emulator.base_url, account.client_id))
+    assert await tokens.token()
+    assert "cannot keep access tokens in" in caplog.text

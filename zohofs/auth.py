@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -23,6 +24,7 @@ from zohofs.errors import (
     SignInUnavailable,
     TransportError,
 )
+from zohofs.tokenstore import SharedTokens, StoreUnusable, TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,8 @@ class OAuthTokens:
     """Access tokens from a refresh token, one refresh in flight, throttle-aware."""
 
     def __init__(self, client: httpx.AsyncClient, accounts_url: str, credentials: Credentials,
-                 limits: RefreshLimits = RefreshLimits(), name: str = "") -> None:
+                 limits: RefreshLimits = RefreshLimits(), name: str = "",
+                 store: TokenStore | None = None) -> None:
         self._client = client
         self._accounts_url = accounts_url
         self._host = httpx.URL(accounts_url).host
@@ -170,6 +173,7 @@ class OAuthTokens:
         self._outages = 0  # failures in a row to reach Zoho Accounts
         self.api_domain: str | None = None
         self.refreshes = 0
+        self._store = store
 
     def __repr__(self) -> str:
         return f"OAuthTokens({self._name!r}, <redacted>)"
@@ -198,6 +202,43 @@ class OAuthTokens:
             return True
 
     async def _refresh(self, now: float, after_rejection: bool = False) -> None:
+        if self._store is not None:
+            try:
+                async with self._store.locked() as shared:
+                    await self._refresh_shared(shared, now, after_rejection)
+                return
+            except StoreUnusable as exc:
+                log.warning("%s; this process keeps its tokens to itself", exc)
+                self._store = None
+        await self._ask(now, after_rejection, None)
+
+    async def _refresh_shared(self, shared: SharedTokens, now: float,
+                              after_rejection: bool) -> None:
+        """Refresh with what other zohofs processes did: use their token while it is
+        good, count their requests, respect a lock-out one of them met."""
+        wall = time.time()
+        rejected = self._token if after_rejection else None
+        if shared.token and shared.token != rejected:
+            lifetime = shared.expires_at - shared.issued_at
+            left = shared.expires_at - wall
+            if left > min(self._limits.margin, lifetime / 10):
+                self._use(shared.token, now, left, lifetime, shared.api_domain)
+                self._after_rejection = False
+                log.debug("%s: using the access token another zohofs process obtained",
+                          self._name)
+                return
+        self._recent = deque(sorted(now - (wall - t) for t in shared.requests
+                                    if wall - t < self._limits.window))
+        if shared.paused_until > wall:
+            usable = self._token is not None and now < self._expires_at and not after_rejection
+            self._pause(now, shared.paused_until - wall,
+                        SignInThrottled(shared.pause_reason), usable)
+            return
+        await self._ask(now, after_rejection, shared)
+
+    async def _ask(self, now: float, after_rejection: bool,
+                   shared: SharedTokens | None) -> None:
+        """Ask Zoho Accounts for a new access token, within the limits."""
         # While Zoho will not be asked, a token that has not yet expired is still used.
         usable = self._token is not None and now < self._expires_at and not after_rejection
         if now < self._paused_until:
@@ -214,6 +255,7 @@ class OAuthTokens:
                 "window passes (Zoho locks out clients that ask too often)"), usable)
             return
         self._recent.append(now)
+        wall = time.time()
         form = {"grant_type": "refresh_token", "client_id": self._credentials.client_id,
                 "client_secret": self._credentials.client_secret,
                 "refresh_token": self._credentials.refresh_token}
@@ -234,21 +276,43 @@ class OAuthTokens:
             self._pause(now, pause, SignInUnavailable(f"{self._name}: {exc}"), usable)
             return
         except SignInThrottled as exc:
-            self._pause(now, self._limits.throttle_pause, exc, usable)
+            until = wall + self._limits.throttle_pause
+            locked_out = SignInThrottled(
+                f"{exc}; zohofs will not ask again before "
+                f"{time.strftime('%H:%M', time.localtime(until))} (Zoho locks a client out "
+                "for 15-30 minutes after 10 access tokens in 10 minutes; the zohofs "
+                "processes of this user share one token, so look for other machines or "
+                "programs using this refresh token)")
+            if shared is not None:
+                shared.requests.append(wall)
+                shared.paused_until, shared.pause_reason = until, str(locked_out)
+            self._pause(now, self._limits.throttle_pause, locked_out, usable)
             return
         except SignInError as exc:
+            if shared is not None:
+                shared.requests.append(wall)
             self._pause(now, self._limits.failure_pause, exc, usable)
             return
         lifetime = token_lifetime(body)
         self._outages = 0
-        self._token = token
-        self._expires_at = now + lifetime
-        self._renew_at = now + lifetime - min(self._limits.margin, lifetime / 10)
+        api_domain = body.get("api_domain")
+        self._use(token, now, lifetime, lifetime,
+                  api_domain if isinstance(api_domain, str) else None)
         self._after_rejection = after_rejection
         self.refreshes += 1
-        if isinstance(body.get("api_domain"), str):
-            self.api_domain = body["api_domain"]
+        if shared is not None:
+            shared.requests.append(wall)
+            shared.token, shared.issued_at, shared.expires_at = token, wall, wall + lifetime
+            shared.api_domain = self.api_domain
         log.info("%s: new access token, valid for %d s", self._name, lifetime)
+
+    def _use(self, token: str, now: float, left: float, lifetime: float,
+             api_domain: str | None) -> None:
+        self._token = token
+        self._expires_at = now + left
+        self._renew_at = self._expires_at - min(self._limits.margin, lifetime / 10)
+        if api_domain:
+            self.api_domain = api_domain
 
     def _pause(self, now: float, seconds: float, error: SignInError, usable: bool) -> None:
         """Stop asking Zoho for ``seconds``; callers get ``error`` meanwhile (raised now

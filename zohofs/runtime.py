@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from zohofs.errors import (
 from zohofs.fs import ZohoFS
 from zohofs.hosts import HostPolicy
 from zohofs.remote import RangeReader, RetryPolicy
+from zohofs.tokenstore import TokenStore, state_directory
 from zohofs.transport import Transport
 from zohofs.zoho import BackupFile, dedupe, parse_link, read_links_file
 
@@ -57,9 +59,11 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
                                  headers={"User-Agent": "zohofs"}) as client:
         transport = Transport(ssl_context, config.timeout)
         try:
-            sources = [AccountSource(a, OAuthTokens(client, a.accounts_url, a.credentials,
-                                                    name=a.name))
-                       for a in config.accounts]
+            state = state_directory(os.environ)
+            sources = [AccountSource(a, OAuthTokens(
+                client, a.accounts_url, a.credentials, name=a.name,
+                store=TokenStore(state, a.accounts_url, a.credentials.client_id)))
+                for a in config.accounts]
             tokens: dict[str, TokenSource] = {s.account.name: s.tokens for s in sources}
             if static:
                 tokens[""] = _link_tokens(config, sources)

@@ -1,0 +1,131 @@
+"""Access tokens kept on disk, shared by every zohofs process of the user.
+
+Zoho issues at most 10 access tokens per refresh token per 10 minutes, counted across every
+process that asks. Each `zohofs ls`, mount or restart asking for its own token adds up
+quickly, so the current token, its expiry, the times of recent requests and a lock-out
+reported by Zoho live in one small file per client id and accounts host, read and written
+under a lock file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import trio
+
+from zohofs.errors import SignInUnavailable
+
+log = logging.getLogger(__name__)
+
+# Another process may hold the lock while it asks Zoho (one request, its deadline).
+LOCK_DEADLINE = 60.0
+
+
+class StoreUnusable(Exception):
+    """The directory cannot hold the store (read-only, not ours): tokens stay per process."""
+
+
+@dataclass
+class SharedTokens:
+    """What every process knows; times are wall-clock seconds (processes share no other)."""
+
+    token: str | None = None
+    issued_at: float = 0.0
+    expires_at: float = 0.0
+    api_domain: str | None = None
+    requests: list[float] = field(default_factory=list)  # token requests Zoho answered
+    paused_until: float = 0.0  # Zoho locked the client out until then
+    pause_reason: str = ""
+
+
+def state_directory(env: Mapping[str, str]) -> Path:
+    """``$STATE_DIRECTORY`` under systemd, else the XDG state directory; for root without
+    one, /var/lib/zohofs, the service's own, so that root's `zohofs ls` and the service
+    share their tokens."""
+    if env.get("STATE_DIRECTORY"):
+        return Path(env["STATE_DIRECTORY"].split(":")[0])
+    if env.get("XDG_STATE_HOME"):
+        return Path(env["XDG_STATE_HOME"]) / "zohofs"
+    if os.geteuid() == 0:
+        return Path("/var/lib/zohofs")
+    return Path.home() / ".local" / "state" / "zohofs"
+
+
+class TokenStore:
+    """The shared state of one client id at one accounts host, in ``directory``."""
+
+    def __init__(self, directory: Path, accounts_url: str, client_id: str) -> None:
+        key = hashlib.sha256(f"{accounts_url}\0{client_id}".encode()).hexdigest()[:16]
+        self.path = directory / f"tokens-{key}.json"
+        self._lock_path = directory / f"tokens-{key}.lock"
+        self._directory = directory
+
+    @contextlib.asynccontextmanager
+    async def locked(self) -> AsyncIterator[SharedTokens]:
+        """The shared state, for this process alone until the block ends; written back
+        (atomically, mode 0600) when the block changed it."""
+        try:
+            self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreUnusable(f"cannot keep access tokens in {self._directory}: "
+                                f"{exc.strerror or exc}") from None
+        try:
+            await self._lock(fd)
+            shared = self._read()
+            before = asdict(shared)
+            try:
+                yield shared
+            finally:  # a refusal from Zoho is news for the others too
+                if asdict(shared) != before:
+                    self._write(shared)
+        finally:
+            os.close(fd)  # releases the lock too
+
+    async def _lock(self, fd: int) -> None:
+        # Polled: a blocking flock in a thread could not be abandoned on a deadline.
+        with trio.move_on_after(LOCK_DEADLINE) as scope:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return
+                except BlockingIOError:
+                    await trio.sleep(0.05)
+        if scope.cancelled_caught:
+            raise SignInUnavailable(f"another zohofs process has held {self._lock_path} for "
+                                    f"{LOCK_DEADLINE:g} s")
+
+    def _read(self) -> SharedTokens:
+        try:
+            raw = json.loads(self.path.read_text())
+            shared = SharedTokens(**{k: raw[k] for k in asdict(SharedTokens()) if k in raw})
+            if not isinstance(shared.requests, list):
+                raise TypeError("requests is not a list")
+            shared.requests = [float(t) for t in shared.requests]
+            return shared
+        except FileNotFoundError:
+            return SharedTokens()
+        except (OSError, ValueError, TypeError) as exc:
+            # A damaged file costs one token request, never a failure.
+            log.warning("ignoring the unreadable token store %s: %s", self.path, exc)
+            return SharedTokens()
+
+    def _write(self, shared: SharedTokens) -> None:
+        shared.requests = [t for t in shared.requests if t > time.time() - 3600]
+        temporary = self.path.with_suffix(".tmp")
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(asdict(shared), f)
+            os.replace(temporary, self.path)
+        except OSError as exc:
+            log.warning("cannot write the token store %s: %s", self.path, exc.strerror or exc)
