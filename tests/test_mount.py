@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import shutil
 import stat
 import subprocess
@@ -292,7 +293,11 @@ def test_the_token_never_reaches_the_log(mount: MountFactory, backup: Backup) ->
     m = mount("--debug")
     shutil.copyfile(m.path / JOB / "Data_001.zip", m.path.parent / "copy.zip")
     assert TOKEN not in m.log
-    assert "Data_001.zip" in m.log  # the debug log did see the traffic
+    # -d logs one line per request: what, which bytes, the answer and how long it took.
+    size = len(backup.files["Data_001.zip"])
+    assert re.search(rf"GET http://127\.0\.0\.1:\d+/v2/crm/\d+/backup/\d+/Data_001\.zip "
+                     rf"\(bytes=0-{size - 1}\) -> 206 Partial Content, {size} bytes in \d+ ms",
+                     m.log), m.log
 
 
 def test_a_server_that_ignores_range_still_serves_exact_bytes(

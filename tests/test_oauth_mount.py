@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 import stat
 import subprocess
 import time
@@ -224,6 +225,9 @@ def test_secrets_never_reach_the_log(
     (m.path / JOB / "Attachments_001.zip").read_bytes()
     log = m.log
     assert "Data_001.zip" in log and len(emulator.issued) == 2
+    # -d shows sign-in and discovery too, one line per request.
+    assert re.search(r"POST http://127\.0\.0\.1:\d+/oauth/v2/token -> 200 OK", log)
+    assert re.search(r"GET http://127\.0\.0\.1:\d+/crm/bulk/v\d+/backup/urls -> 200 OK", log)
     for secret in (account.client_id, account.client_secret, account.refresh_token,
                    *emulator.issued):
         assert secret not in log

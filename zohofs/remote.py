@@ -246,8 +246,24 @@ class RangeReader:
 
             def call(exchange: Exchange, url: str = url,
                      sent: dict[str, str] = sent) -> T | _Redirect:
-                return self._transport.request(
-                    "GET", url, sent, lambda r: _follow_or_read(r, url, read), exchange)
+                started, answer = time.monotonic(), "no answer"
+
+                def handle(response: http.client.HTTPResponse) -> T | _Redirect:
+                    nonlocal answer
+                    answer = f"{response.status} {response.reason}" + (
+                        f", {response.length} bytes" if response.length is not None else "")
+                    return _follow_or_read(response, url, read)
+
+                try:
+                    return self._transport.request("GET", url, sent, handle, exchange)
+                except BaseException as exc:
+                    answer += f", then {type(exc).__name__}"
+                    raise
+                finally:
+                    # One line per request with -d; the query stays out (tokens hide there).
+                    log.debug("GET %s%s -> %s in %.0f ms", redact_url(url),
+                              f" ({sent['Range']})" if "Range" in sent else "", answer,
+                              (time.monotonic() - started) * 1000)
 
             result = await self._in_thread(url, call)
             if not isinstance(result, _Redirect):

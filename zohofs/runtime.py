@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,10 +22,13 @@ from zohofs.errors import (
 )
 from zohofs.fs import ZohoFS
 from zohofs.hosts import HostPolicy
+from zohofs.logs import redact_url
 from zohofs.remote import RangeReader, RetryPolicy
 from zohofs.tokenstore import TokenStore, state_directory
 from zohofs.transport import Transport
 from zohofs.zoho import BackupFile, dedupe, parse_link, read_links_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,6 +52,14 @@ def read_links(links: list[str], links_file: str | None) -> tuple[str, ...]:
     return tuple(links + (read_links_file(links_file) if links_file else []))
 
 
+async def _log_answer(response: httpx.Response) -> None:
+    # Sign-in and discovery requests, one line each with -d (httpx's own lines carry URLs
+    # with their queries, and are silenced).
+    request = response.request
+    log.debug("%s %s -> %d %s", request.method, redact_url(str(request.url)),
+              response.status_code, response.reason_phrase)
+
+
 @asynccontextmanager
 async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
     static = explicit_links(config)
@@ -56,7 +68,8 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
                           "secret, refresh token; see `zohofs login`) or give --link URLs")
     ssl_context = config.ssl_context()
     async with httpx.AsyncClient(verify=ssl_context, timeout=config.timeout,
-                                 headers={"User-Agent": "zohofs"}) as client:
+                                 headers={"User-Agent": "zohofs"},
+                                 event_hooks={"response": [_log_answer]}) as client:
         transport = Transport(ssl_context, config.timeout)
         try:
             state = state_directory(os.environ)
