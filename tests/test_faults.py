@@ -370,3 +370,14 @@ def test_the_suite_leaves_other_zohofs_mounts_alone(mount: MountFactory) -> None
     assert inner.returncode == 0, inner.stdout + inner.stderr
     assert is_mounted(outside.path)
     assert "mounts left behind" not in inner.stdout
+
+
+def test_sigusr1_logs_every_task_and_thread_and_the_mount_goes_on(
+        mount: MountFactory, backup: Backup) -> None:
+    m = mount()
+    m.expect_log("stacks on SIGUSR1")
+    m.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "thread MainThread" in m.log, 10, "the stack dump")
+    dump = m.log[m.log.index("stacks on SIGUSR1"):]
+    assert "task <init>" in dump and "pyfuse3" in dump and "in main" in dump
+    still_serves(m, backup)

@@ -322,3 +322,4 @@ def test_a_server_that_ignores_range_still_serves_exact_bytes(
     finally:
         os.close(fd)
     assert len(data_gets(emulator, name)) > 1  # it did start over, and still got it right
+

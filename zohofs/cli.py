@@ -27,6 +27,7 @@ import trio
 from zohofs import __version__, config, login
 from zohofs.auth import Credentials
 from zohofs.config import Config, MiB, access_token, parse_size
+from zohofs.diagnose import dump_on_usr1
 from zohofs.errors import ConfigError, ZohofsError
 from zohofs.hosts import DATA_CENTRES
 from zohofs.logs import setup as setup_logging
@@ -272,6 +273,7 @@ async def serve(config: Config, on_ready: Callable[[], Awaitable[None]] | None =
             async with trio.open_nursery() as outer:
                 fuse_scope = trio.CancelScope()
                 outer.start_soon(_stop_on_signal, signals, fuse_scope)
+                outer.start_soon(dump_on_usr1)
                 try:
                     with fuse_scope:
                         async with trio.open_nursery() as nursery:
