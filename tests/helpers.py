@@ -41,6 +41,11 @@ def started_mounts() -> list[Path]:
     return list(_STARTED)
 
 
+def started_mounts_add(path: Path) -> None:
+    """A mount point a test mounts by other means (mount(8)): cleaned if left behind."""
+    _STARTED.append(path)
+
+
 def reads_as(path: Path, data: bytes) -> bool:
     """The file reads as ``data`` now (False while it fails; wrong bytes never pass)."""
     try:

@@ -9,6 +9,7 @@ import os
 import re
 import stat
 import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MiB, MountFactory, common_args, run_zohofs, write_config
-from tests.helpers import Mount, file_sha256, reads_as, sha256, wait_for
+from tests.helpers import (
+    Mount,
+    file_sha256,
+    is_mounted,
+    reads_as,
+    sha256,
+    started_mounts_add,
+    wait_for,
+)
 from zohofs.emulator.backup import Backup, generate
 from zohofs.emulator.server import EmulatedAccount, Emulator
 
@@ -393,3 +402,50 @@ def test_a_stuck_api_host_does_not_hang_lookups(
     assert (datetime.now(UTC) - started).total_seconds() < 2 + 8
     assert "no answer within 2 s" in m.log
     assert (m.path / JOB / "Data_001.zip").read_bytes() == backup.files["Data_001.zip"]
+
+
+def test_an_fstab_line_mounts_in_the_background_and_umount_ends_it(
+        emulator: Emulator, account: EmulatedAccount, backup: Backup, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.toml", emulator, account,
+                       f'trust_hosts = ["127.0.0.1:{emulator.port}"]')
+    mnt = tmp_path / "backups"
+    mnt.mkdir()
+    started_mounts_add(mnt)
+    # mount(8) runs helpers with a fixed PATH: a zohofs in a virtualenv is named in the
+    # source field (type fuse); installed system-wide, the type is fuse.zohofs.
+    program = Path(sys.executable).parent / "zohofs"
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"{program}#zoho {mnt} fuse config={cfg},_netdev,nofail,allow_other,"
+                     "x-systemd.mount-timeout=60 0 0\n")
+    result = subprocess.run(["mount", "--fstab", str(fstab), str(mnt)], capture_output=True,
+                            text=True, timeout=60)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert is_mounted(mnt)  # live when mount(8) returns: no waiting
+        assert (mnt / JOB / "Data_001.zip").read_bytes() == backup.files["Data_001.zip"]
+        assert "allow_other" in next(line for line in Path("/proc/mounts").read_text()
+                                     .splitlines() if line.split()[1] == str(mnt))
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
+    wait_for(lambda: not is_mounted(mnt), 10, "the unmount")
+
+
+def test_an_fstab_mount_that_cannot_start_fails_mount_with_the_reason(
+        emulator: Emulator, account: EmulatedAccount, tmp_path: Path) -> None:
+    wrong = dataclasses.replace(account, client_secret="1000.wrong")
+    cfg = write_config(tmp_path / "c.toml", emulator, wrong,
+                       f'trust_hosts = ["127.0.0.1:{emulator.port}"]')
+    mnt = tmp_path / "backups"
+    mnt.mkdir()
+    started_mounts_add(mnt)
+    program = Path(sys.executable).parent / "zohofs"
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"{program}#zoho {mnt} fuse config={cfg} 0 0\n")
+    try:
+        result = subprocess.run(["mount", "--fstab", str(fstab), str(mnt)],
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+    assert result.returncode != 0
+    assert "wrong client secret" in result.stderr
+    assert not is_mounted(mnt)

@@ -197,3 +197,17 @@ def test_inode_allocation_does_not_copy_the_taken_set() -> None:
 
     assert stable_inode("1/2/Data_001.zip", MembershipOnly()) == stable_inode(
         "1/2/Data_001.zip", set())
+
+
+def test_the_mount_helpers_call_becomes_a_background_mount() -> None:
+    from zohofs.cli import from_mount_helper
+
+    assert from_mount_helper(["zoho", "/zoho", "-o", "rw,config=/etc/zohofs/config.toml,"
+                              "allow_other,dev,suid,_netdev,x-systemd.automount"]) == [
+        "mount", "/zoho", "--background", "--config", "/etc/zohofs/config.toml",
+        "-o", "allow_other,dev,suid"]
+    assert from_mount_helper(["zoho", "/zoho"]) == ["mount", "/zoho", "--background"]
+    for ours in (["mount", "/zoho"], ["ls"], ["--version"], []):
+        assert from_mount_helper(ours) is None
+    with pytest.raises(ConfigError, match="SOURCE MOUNTPOINT -o OPTIONS"):
+        from_mount_helper(["zoho", "/zoho", "--cache-size", "9"])

@@ -7,6 +7,7 @@ import ctypes
 import errno
 import getpass
 import logging
+import logging.handlers
 import os
 import re
 import signal
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("mount", help="mount backups (runs in the foreground)")
     m.add_argument("mountpoint")
+    m.add_argument("--background", action="store_true",
+                   help="go to the background once the mount is live (what mount(8) and "
+                        "fstab expect); start-up errors are reported before that")
     _add_source_options(m)
     _add_mount_options(m)
 
@@ -333,17 +337,61 @@ async def _stop_on_signal(signals: AsyncIterator[int], fuse_scope: trio.CancelSc
 def cmd_mount(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     _check_mountpoint(cfg.mountpoint)
+    if args.background:
+        return _serve_in_background(cfg)
     trio.run(serve, cfg)
     return 0
 
 
-def _map_big_buffers() -> None:
-    """Give every block buffer a mapping of its own, returned to the system when freed.
+def _serve_in_background(cfg: Config) -> int:
+    """Fork; the parent exits 0 once the child's mount is live, or with the child's exit
+    status (its error already printed) when it could not start."""
+    ready_r, ready_w = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(ready_w)
+        with os.fdopen(ready_r, "rb") as ready:
+            if ready.read() == b"ready":
+                return 0
+        _, status = os.waitpid(child, 0)
+        return os.waitstatus_to_exitcode(status) or 1
+    os.close(ready_r)
+    os.setsid()  # no terminal: the mount outlives the shell that started it
 
-    Blocks are megabytes, allocated and freed by worker threads. glibc raises its mmap
-    threshold each time such a buffer is freed, after which blocks come from per-thread
-    heaps that seldom shrink: peak RSS grew to several times the cache budget under
-    concurrent readers. A fixed threshold stops that.
+    async def on_ready() -> None:
+        os.write(ready_w, b"ready")
+        os.close(ready_w)
+        _detach_output()
+
+    trio.run(serve, cfg, on_ready)
+    return 0
+
+
+def _detach_output() -> None:
+    """Nobody reads our terminal any more: log to journald (started by systemd) or
+    syslog, and let nothing else reach the terminal."""
+    if not os.environ.get("JOURNAL_STREAM"):
+        root = logging.getLogger()
+        if os.path.exists("/dev/log"):
+            handler = logging.handlers.SysLogHandler(address="/dev/log")
+            handler.setFormatter(logging.Formatter("zohofs[%(process)d]: %(name)s: %(message)s"))
+            root.handlers[:] = [handler]
+        else:
+            root.handlers[:] = [logging.NullHandler()]
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+
+
+def _map_big_buffers() -> None:
+    """Give every buffer of 256 KiB or more a mapping of its own, returned to the system
+    when freed; chunk buffers (128 KiB) stay below it, on the heap, and are reused.
+
+    glibc raises its mmap threshold each time a big buffer is freed, after which big
+    buffers come from per-thread heaps that seldom shrink: with the 8 MiB blocks zohofs
+    once had, peak RSS grew to several times the cache budget. A fixed threshold keeps
+    that from coming back with any big buffer.
     """
     try:
         libc = ctypes.CDLL(None)
@@ -504,15 +552,58 @@ def _print_tree(root: str) -> None:
     print("Press Ctrl-C to unmount and stop.", flush=True)
 
 
+# Options of an fstab line that are for mount(8), systemd or the helper, not for zohofs.
+_MOUNT_ONLY_OPTIONS = {"rw", "ro", "defaults", "auto", "noauto", "user", "users", "nouser",
+                       "_netdev", "nofail", "comment"}
+
+
+def from_mount_helper(argv: Sequence[str]) -> list[str] | None:
+    """The arguments of `zohofs mount --background` for mount(8)'s helper call
+    `zohofs SOURCE MOUNTPOINT -o OPTIONS` (an fstab line of type fuse.zohofs); None when
+    ``argv`` is a command line of our own. SOURCE is a label; ``config=FILE`` picks the
+    config file, other options go to FUSE."""
+    if len(argv) < 2 or argv[0] in _COMMANDS or argv[0].startswith("-"):
+        return None
+    options: list[str] = []
+    rest = list(argv[2:])
+    while rest:
+        word = rest.pop(0)
+        if word == "-o" and rest:
+            options += rest.pop(0).split(",")
+        elif word.startswith("-o") and len(word) > 2:
+            options += word[2:].split(",")
+        else:
+            raise ConfigError(f"unexpected argument {word!r} (mount(8) calls zohofs as "
+                              "`zohofs SOURCE MOUNTPOINT -o OPTIONS`)")
+    args = ["mount", argv[1], "--background"]
+    fuse = []
+    for option in filter(None, options):
+        key, _, value = option.partition("=")
+        if key == "config":
+            args += ["--config", value]
+        elif key not in _MOUNT_ONLY_OPTIONS and not key.startswith("x-"):
+            fuse.append(option)
+    return args + (["-o", ",".join(fuse)] if fuse else [])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = from_mount_helper(argv) or argv
+    except ConfigError as exc:
+        print(f"zohofs: error: {exc}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "debug", False))
-    commands = {"mount": cmd_mount, "ls": cmd_ls, "login": cmd_login,
-                "emulator": cmd_emulator, "demo": cmd_demo}
     try:
-        return commands[args.command](args)
+        return _COMMANDS[args.command](args)
     except ConfigError as exc:
         print(f"zohofs: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "mount": cmd_mount, "ls": cmd_ls, "login": cmd_login, "emulator": cmd_emulator,
+    "demo": cmd_demo}
