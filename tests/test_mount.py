@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import re
 import shutil
+import signal
 import stat
 import subprocess
+import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -323,3 +327,50 @@ def test_a_server_that_ignores_range_still_serves_exact_bytes(
         os.close(fd)
     assert len(data_gets(emulator, name)) > 1  # it did start over, and still got it right
 
+
+
+def test_status_shows_a_copy_in_progress_and_files_show_their_source(
+        mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path) -> None:
+    from tests.conftest import TOKEN, run_zohofs
+
+    name = "Attachments_009.zip"
+    data = random.Random(9).randbytes(16 * MiB)
+    emulator.add_file(backup.zgid, backup.job_id, name, data)
+    m = mount()
+    emulator.rate = 1_000_000  # a slow link: the copy takes a few seconds
+
+    def status() -> dict[str, Any]:
+        figures: dict[str, Any] = json.loads(os.getxattr(m.path, "user.zohofs.status"))
+        return figures
+
+    copy = subprocess.Popen(["cp", str(m.path / JOB / name), str(tmp_path / name)])
+    try:
+        wait_for(lambda: any(f["bytes_read"] > 0 for f in status()["open_files"]), 20,
+                 "the copy to show")
+        [first] = status()["open_files"]
+        assert first["path"] == f"{JOB}/{name}" and first["size"] == len(data)
+        wait_for(lambda: any(f["bytes_read"] > first["bytes_read"]
+                             for f in status()["open_files"]), 20, "progress")
+        screens = tmp_path / "screens"
+        with open(screens, "w") as out:
+            watch = subprocess.Popen([sys.executable, "-m", "zohofs", "status", str(m.path),
+                                      "--watch"], stdout=out)
+        wait_for(lambda: screens.read_text().count("open files:") >= 2, 20, "two screens")
+        assert "open files: 1" in screens.read_text()
+    finally:
+        assert copy.wait(60) == 0
+    watch.send_signal(signal.SIGINT)
+    assert watch.wait(10) == 0
+    emulator.rate = None
+    done = status()
+    assert done["open_files"] == [] and done["gets"] >= 2
+    assert done["bytes_fetched"] >= len(data)
+    result = run_zohofs("status", str(m.path), "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["files"] == len(backup.files) + 1
+    # Per file: where it comes from (never the query: tokens hide there), size, expiry.
+    url = os.getxattr(m.path / JOB / name, "user.zohofs.url").decode()
+    assert url.endswith(f"/{name}") and "?" not in url and TOKEN not in url
+    assert os.getxattr(m.path / JOB / name, "user.zohofs.size") == str(len(data)).encode()
+    assert "user.zohofs.etag" in os.listxattr(m.path / JOB / name)
+    not_zohofs = run_zohofs("status", str(tmp_path))
+    assert not_zohofs.returncode == 2 and "is not a zohofs mount" in not_zohofs.stderr

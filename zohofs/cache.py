@@ -110,5 +110,10 @@ class ChunkCache:
         while self._lru and self._lru.currsize + self._room_taken() > self.capacity:
             self._lru.popitem()
 
+    @property
+    def size(self) -> int:
+        """Bytes cached now, held chunks included."""
+        return int(self._lru.currsize) + self.held_bytes
+
     def _room_taken(self) -> int:
         return max(self.held_bytes, self._reserved())

@@ -6,6 +6,7 @@ import argparse
 import ctypes
 import errno
 import getpass
+import json
 import logging
 import logging.handlers
 import os
@@ -16,6 +17,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -60,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "fstab expect); start-up errors are reported before that")
     _add_source_options(m)
     _add_mount_options(m)
+
+    st = sub.add_parser("status", help="what a running mount is doing")
+    st.add_argument("mountpoint")
+    st.add_argument("--json", action="store_true", help="print the figures as JSON")
+    st.add_argument("--watch", action="store_true", help="refresh every second, like top")
 
     ls = sub.add_parser("ls", help="list what would be mounted, without mounting")
     _add_source_options(ls)
@@ -400,6 +407,55 @@ def _map_big_buffers() -> None:
         pass
 
 
+# -- status --------------------------------------------------------------------------------
+
+STATUS_XATTR = "user.zohofs.status"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        while True:
+            text = _status_text(args)
+            if not args.watch:
+                print(text)
+                return 0
+            print("\x1b[H\x1b[2J" + text, flush=True)  # home, clear: a screen like top's
+            time.sleep(1)
+    except KeyboardInterrupt:  # how --watch ends
+        return 0
+
+
+def _status_text(args: argparse.Namespace) -> str:
+    try:
+        status = json.loads(os.getxattr(args.mountpoint, STATUS_XATTR))
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+            raise ConfigError(f"{args.mountpoint} is not a zohofs mount") from None
+        raise ConfigError(f"cannot ask {args.mountpoint}: {exc.strerror}") from None
+    if args.json:
+        return json.dumps(status, indent=2)
+    return describe_status(args.mountpoint, status)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def describe_status(mountpoint: str, s: dict[str, Any]) -> str:
+    lines = [f"zohofs on {mountpoint}: {s['files']} files, mounted since "
+             f"{s['mounted_since']}, links expire {s['links_expire'] or '-'}",
+             f"fetched {_mb(s['bytes_fetched'])} in {s['gets']} GETs, {s['retries']} retries; "
+             f"cache {_mb(s['cache_bytes'])}, chunks {s['chunk_hits']} hit / "
+             f"{s['chunk_misses']} fetched; {s['token_refreshes']} token refreshes",
+             "errors: " + (", ".join(f"{k} {v}" for k, v in sorted(s["errors"].items()))
+                           or "none")]
+    lines.append(f"open files: {len(s['open_files'])}")
+    for f in s["open_files"]:
+        lines.append(f"  {f['path']}  {_mb(f['bytes_read'])} read of {_mb(f['size'])} "
+                     f"({f['progress']:.0%})  {_mb(f['bytes_per_second'])}/s")
+    return "\n".join(lines)
+
+
 # -- ls ------------------------------------------------------------------------------------
 
 async def list_backups(cfg: Config) -> int:
@@ -605,5 +661,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "mount": cmd_mount, "ls": cmd_ls, "login": cmd_login, "emulator": cmd_emulator,
-    "demo": cmd_demo}
+    "mount": cmd_mount, "status": cmd_status, "ls": cmd_ls, "login": cmd_login,
+    "emulator": cmd_emulator, "demo": cmd_demo}

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
 import stat
+import time
 from collections.abc import (
     Awaitable,
     Callable,
@@ -43,6 +45,7 @@ from zohofs.errors import (
 from zohofs.logs import redact_url
 from zohofs.planner import CHUNK, PrefetchBudget, ReadPattern, chunk_range
 from zohofs.remote import RangeReader, RemoteInfo, WholeFileStream
+from zohofs.stats import FileActivity
 from zohofs.zoho import BackupFile
 
 log = logging.getLogger(__name__)
@@ -127,6 +130,7 @@ class OpenFile:
     # Chunks fetched (or being fetched) ahead for this reader and not yet read, with the
     # bytes each took from the prefetch budget.
     held: dict[Hashable, int] = field(default_factory=dict)
+    activity: FileActivity | None = None
 
 
 def validated(info: RemoteInfo) -> bool:
@@ -168,6 +172,7 @@ class ZohoFS:
         # kernel holds may be wrong (changed on the server, or a probe the server belied).
         self.on_stale: Callable[[int], None] | None = None
         self.read_deadline = read_deadline
+        self.stats = reader.stats
         self._max_request = max_request
         self._max_ahead = max_ahead
         self._uid = os.getuid() if uid is None else uid
@@ -359,6 +364,42 @@ class ZohoFS:
             raise NoSuchEntry("not a directory")
         return node
 
+    def status(self) -> dict[str, object]:
+        """What the mount is doing, for `zohofs status` (the root's user.zohofs.status)."""
+        now = time.time()
+        stats = self.stats
+        expiries = [n.file.expires for n in self.files if n.file and n.file.expires]
+        return {
+            "mounted_since": datetime.fromtimestamp(stats.started, UTC).isoformat(),
+            "files": len(self.files),
+            "open_files": [h.activity.summary(now) for h in self._open.values()
+                           if h.activity is not None],
+            "gets": stats.gets, "bytes_fetched": stats.bytes_fetched,
+            "retries": stats.retries,
+            "chunk_hits": stats.chunk_hits, "chunk_misses": stats.chunk_misses,
+            "cache_bytes": self._cache.size,
+            "errors": dict(stats.errors),
+            "token_refreshes": sum(getattr(t, "refreshes", 0) for t in self._tokens.values()),
+            "links_expire": min(expiries).isoformat() if expiries else None,
+        }
+
+    def xattrs(self, ino: int) -> dict[str, bytes]:
+        """Extended attributes: the mount's status on the root, a file's source (never
+        the query: tokens hide there), size, validator and expiry on each file."""
+        node = self._node(ino)
+        if ino == ROOT_INODE:
+            return {"user.zohofs.status": json.dumps(self.status()).encode()}
+        if node.file is None:
+            return {}
+        found = {"user.zohofs.url": redact_url(node.file.url)}
+        if node.info is not None:
+            found["user.zohofs.size"] = str(node.info.size)
+            if node.info.etag:
+                found["user.zohofs.etag"] = node.info.etag
+        if node.file.expires is not None:
+            found["user.zohofs.expires"] = node.file.expires.isoformat()
+        return {k: v.encode() for k, v in found.items()}
+
     def statfs(self) -> tuple[int, int, int]:
         """(block size, total blocks, file count)."""
         total = sum(n.info.size for n in self.files if n.info)
@@ -386,7 +427,8 @@ class ZohoFS:
         node.kernel_version = version
         pattern = ReadPattern(self._budget, info.size, max_ahead=self._max_ahead,
                               max_request=self._max_request)
-        self._open[fh] = OpenFile(node, node.file, info, pattern, version)
+        self._open[fh] = OpenFile(node, node.file, info, pattern, version,
+                                  activity=FileActivity(node.file.path, info.size))
         return fh, keep_cache
 
     def release(self, fh: int) -> None:
@@ -407,7 +449,10 @@ class ZohoFS:
         if handle is None:
             raise NoSuchEntry(f"no open file {fh}")
         with self._deadline(handle.file.path, "reading %d bytes at %d", size, offset):
-            return await self._read(handle, offset, size)
+            pieces = await self._read(handle, offset, size)
+        if handle.activity is not None:
+            handle.activity.read(offset, sum(len(p) for p in pieces))
+        return pieces
 
     @contextlib.contextmanager
     def _deadline(self, path: str, doing: str, *args: object) -> Iterator[None]:
@@ -438,6 +483,9 @@ class ZohoFS:
             # What this read needs is claimed before anything is fetched ahead, and
             # fetched by this task, so it never queues behind prefetches for a connection.
             demand = self._claim(handle, wanted)
+            missed = sum(len(run) for run in demand)
+            self.stats.chunk_misses += missed
+            self.stats.chunk_hits += len(wanted) - missed
             for start, length in plans:
                 if not self._prefetch(handle, start, length):
                     break

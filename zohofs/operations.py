@@ -37,6 +37,8 @@ def handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[An
             raise
         except ZohofsError as exc:
             log.log(exc.log_level, "%s: %s", fn.__name__, exc)
+            if args and isinstance(args[0], Operations) and not isinstance(exc, NoAttribute):
+                args[0].fs.stats.errors[errno.errorcode.get(exc.errno, str(exc.errno))] += 1
             raise pyfuse3.FUSEError(exc.errno) from None
         except trio.Cancelled:
             raise
@@ -180,11 +182,14 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        raise NoAttribute("no extended attributes")
+        value = self.fs.xattrs(inode).get(name.decode(errors="replace"))
+        if value is None:
+            raise NoAttribute(f"no extended attribute {name!r}")
+        return value
 
     @handler
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return []
+        return [name.encode() for name in self.fs.xattrs(inode)]
 
     @handler
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:

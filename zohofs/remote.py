@@ -34,6 +34,7 @@ from zohofs.errors import (
 )
 from zohofs.hosts import HostPolicy, host_port, is_loopback
 from zohofs.logs import redact_url
+from zohofs.stats import Stats
 from zohofs.transport import (
     Exchange,
     OpenBody,
@@ -156,12 +157,13 @@ class RangeReader:
 
     def __init__(self, transport: Transport, policy: HostPolicy,
                  retry: RetryPolicy = RetryPolicy(), connections_per_host: int = 4,
-                 request_deadline: float = 30.0) -> None:
+                 request_deadline: float = 30.0, stats: Stats | None = None) -> None:
         self._transport = transport
         self._policy = policy
         self._retry = retry
         self._connections = connections_per_host
         self._request_deadline = request_deadline
+        self.stats = stats or Stats()
         self._limiters: dict[tuple[str, str, int], trio.CapacityLimiter] = {}
 
     def _limiter(self, url: str) -> trio.CapacityLimiter:
@@ -214,9 +216,7 @@ class RangeReader:
             stop=tenacity.stop_after_attempt(self._retry.attempts),
             wait=_Wait(self._retry),
             retry=tenacity.retry_if_exception(is_transient),
-            before_sleep=lambda state: log.info(
-                "retrying %s after: %s", redact_url(url),
-                state.outcome.exception() if state.outcome else "?"),
+            before_sleep=lambda state: self._retrying(url, state),
             sleep=trio.sleep,
             reraise=True,
         )
@@ -224,6 +224,11 @@ class RangeReader:
             with attempt:
                 return await _no_long_waits(self._authorised_get(url, headers, tokens, read))
         raise AssertionError("unreachable")  # tenacity reraises the last error
+
+    def _retrying(self, url: str, state: tenacity.RetryCallState) -> None:
+        self.stats.retries += 1
+        log.info("retrying %s after: %s", redact_url(url),
+                 state.outcome.exception() if state.outcome else "?")
 
     async def _authorised_get(self, url: str, headers: dict[str, str], tokens: TokenSource,
                               read: Callable[[http.client.HTTPResponse, str], T]) -> T:
@@ -250,6 +255,8 @@ class RangeReader:
 
                 def handle(response: http.client.HTTPResponse) -> T | _Redirect:
                     nonlocal answer
+                    if response.status in (200, 206):
+                        self.stats.fetched(response.length)
                     answer = f"{response.status} {response.reason}" + (
                         f", {response.length} bytes" if response.length is not None else "")
                     return _follow_or_read(response, url, read)
