@@ -374,3 +374,22 @@ def test_status_shows_a_copy_in_progress_and_files_show_their_source(
     assert "user.zohofs.etag" in os.listxattr(m.path / JOB / name)
     not_zohofs = run_zohofs("status", str(tmp_path))
     assert not_zohofs.returncode == 2 and "is not a zohofs mount" in not_zohofs.stderr
+
+
+def test_mount_point_mistakes_are_named(
+        mount: MountFactory, emulator: Emulator, token_file: Path, tmp_path: Path) -> None:
+    from tests.conftest import common_args, run_zohofs
+
+    link = ["--link", emulator.base_url + next(iter(emulator.files)),
+            "--access-token-file", str(token_file), *common_args(emulator)]
+    missing = run_zohofs("mount", str(tmp_path / "nowhere"), *link)
+    assert missing.returncode == 2
+    assert f"mount point {tmp_path / 'nowhere'} does not exist" in missing.stderr
+    (tmp_path / "file").write_text("")
+    not_dir = run_zohofs("mount", str(tmp_path / "file"), *link)
+    assert not_dir.returncode == 2 and "is not a directory" in not_dir.stderr
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.txt").write_text("")
+    m = mount(name="full")
+    assert "full is not empty (1 names): what it holds is hidden" in m.log
+    m.expect_log("is not empty")

@@ -255,7 +255,18 @@ def test_ls_lists_without_mounting(emulator: Emulator, account: EmulatedAccount,
     del emulator.accounts[account.refresh_token]
     emulator.expire_access_tokens()  # else the next run uses the token the first one left
     result = run_zohofs("ls", "--config", str(cfg), *trust)
-    assert result.returncode == 1 and "zohofs login" in result.stderr
+    # As `mount` does: exit status 2, the reason once, no log lines around it.
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("zohofs login") == 1 and "ERROR" not in result.stderr
+
+
+def test_ls_fails_when_there_is_nothing_to_list(
+        emulator: Emulator, account: EmulatedAccount, backup: Backup, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.toml", emulator, account)
+    trust = ("--trust-host", f"127.0.0.1:{emulator.port}")
+    emulator.no_backup.add(backup.zgid)
+    result = run_zohofs("ls", "--config", str(cfg), *trust)
+    assert result.returncode == 1 and "no backup files" in result.stderr
 
 
 def test_ls_runs_mounts_and_restarts_share_one_access_token(

@@ -221,6 +221,13 @@ def _check_mountpoint(path: str) -> None:
         raise ConfigError(f"mount point {path} is not a directory")
     if mounted is not None:
         raise ConfigError(f"{path} is already a mount point")
+    try:
+        hidden = len(os.listdir(path))
+    except OSError:
+        hidden = 0
+    if hidden:
+        log.warning("%s is not empty (%d names): what it holds is hidden while zohofs is "
+                    "mounted on it", path, hidden)
 
 
 def _is_dead(path: str) -> bool:
@@ -459,10 +466,19 @@ def describe_status(mountpoint: str, s: dict[str, Any]) -> str:
 # -- ls ------------------------------------------------------------------------------------
 
 async def list_backups(cfg: Config) -> int:
+    """Print what would be mounted. Exit 0 when every file was listed and probed; 2 when
+    sign-in failed for a reason waiting will not fix (as `mount` does); else 1, also when
+    there is nothing to list: a cron check must notice."""
+    # The failures of sign-in and listing are printed below, once each: not also logged.
+    for name in ("zohofs.auth", "zohofs.catalog"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     async with open_runtime(cfg) as runtime:
         errors = await runtime.catalog.refresh()
         for error in errors:
-            print(f"zohofs: {error}", file=sys.stderr)
+            print(f"zohofs: error: {error}", file=sys.stderr)
+        fatal = fatal_sign_in_errors(errors)
+        if fatal and len(fatal) == len(runtime.sources) and not cfg.links:
+            return 2
         rows = [("ZGID", "JOB", "FILE", "SIZE", "EXPIRES")]
         failed = bool(errors)
         for node in sorted(runtime.fs.files, key=lambda n: n.file.path if n.file else ""):
@@ -475,7 +491,10 @@ async def list_backups(cfg: Config) -> int:
             expires = node.file.expires.isoformat() if node.file.expires else "-"
             rows.append((node.file.zgid, node.file.job_id, node.file.name, size, expires))
         if len(rows) == 1:
-            print("no backup files", file=sys.stderr)
+            print("zohofs: no backup files" + (
+                "" if errors else " (Zoho lists none, or every link was refused: see "
+                                  "the warnings above)"), file=sys.stderr)
+            return 1
         else:
             widths = [max(len(r[i]) for r in rows) for i in range(4)]
             for r in rows:
