@@ -23,6 +23,8 @@ def test_emulator_prints_its_url_first_and_serves(tmp_path: Path) -> None:
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", base), base
         lines = [proc.stdout.readline().strip() for _ in range(3)]
         assert lines[0].startswith("account: zgid=757345985 client_id=")
+        # A grant code, so that `zohofs login` can be rehearsed against it.
+        assert re.fullmatch(r"grant-code: zgid=757345985 code=\S+", lines[1]), lines[1]
         link = next(line[len("link: "):] for line in lines if line.startswith("link: "))
         request = urllib.request.Request(link, headers={
             "Authorization": "Zoho-oauthtoken cli-token", "Range": "bytes=0-3"})
@@ -67,7 +69,7 @@ def test_emulator_serves_a_data_dir_over_tls(tmp_path: Path) -> None:
         base = proc.stdout.readline().strip()
         assert base.startswith("https://127.0.0.1:")
         assert proc.stdout.readline().strip() == f"ca-file: {tmp_path / 'ca.pem'}"
-        lines = [proc.stdout.readline().strip() for _ in range(2)]
+        lines = [proc.stdout.readline().strip() for _ in range(3)]  # account, code, link
         assert f"link: {base}/v2/crm/42/backup/7/Data_001.zip" in lines
         context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
         request = urllib.request.Request(f"{base}/v2/crm/42/backup/7/Data_001.zip", headers={

@@ -460,3 +460,32 @@ def test_an_fstab_mount_that_cannot_start_fails_mount_with_the_reason(
     assert result.returncode != 0
     assert "wrong client secret" in result.stderr
     assert not is_mounted(mnt)
+
+
+def test_login_at_the_prompt_prints_a_config_that_works(
+        emulator: Emulator, account: EmulatedAccount, tmp_path: Path) -> None:
+    out = tmp_path / "conf" / "refresh-token"
+    typed = f"{account.client_id}\n{account.client_secret}\n{emulator.add_grant_code(account)}\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "zohofs", "login", "--accounts-url", emulator.base_url,
+         "--output", str(out)], input=typed, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    secret = tmp_path / "conf" / "client-secret"
+    assert secret.read_text().strip() == account.client_secret
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    offered = result.stdout.split("(chmod 600):\n", 1)[1].split("Then try", 1)[0]
+    cfg = tmp_path / "offered.toml"
+    cfg.write_text(offered + f'api_url = "{emulator.base_url}"\n')
+    cfg.chmod(0o600)
+    listed = run_zohofs("ls", "--config", str(cfg), "--trust-host", f"127.0.0.1:{emulator.port}")
+    assert listed.returncode == 0, listed.stderr
+
+
+def test_login_with_stdin_closed_says_what_to_do(
+        emulator: Emulator, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "zohofs", "login", "--accounts-url", emulator.base_url,
+         "--output", str(tmp_path / "t")], stdin=subprocess.DEVNULL, capture_output=True,
+        text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "standard input is closed" in result.stderr and "--code-file" in result.stderr

@@ -537,7 +537,17 @@ def cmd_login(args: argparse.Namespace) -> int:
         return 1
     path = args.output or login.default_token_path()
     login.store_secret(path, refresh_token)
-    print(login.summary(path, client_id))
+    # A secret typed at the prompt is kept too: the mount needs it with every refresh.
+    secret_path = None
+    if not known.get("client_secret"):
+        secret_path = path.with_name("client-secret")
+        login.store_secret(secret_path, client_secret)
+    default_url = f"https://{DATA_CENTRES[dc].accounts}"
+    text = login.config_text(client_id, secret_path, path, dc,
+                             accounts_url if accounts_url != default_url else None)
+    print(login.summary(path, secret_path, text,
+                        Path(args.config) if args.config else
+                        login.config_directory() / "config.toml"))
     return 0
 
 
@@ -570,6 +580,8 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         print(f"account: zgid={zgid} client_id={account.client_id} "
               f"client_secret={account.client_secret} "
               f"refresh_token={account.refresh_token}", flush=True)
+        # One grant code each, to rehearse `zohofs login --accounts-url ...` locally.
+        print(f"grant-code: zgid={zgid} code={emulator.add_grant_code(account)}", flush=True)
     for link in links:
         print(f"link: {link}", flush=True)
     emulator.start()

@@ -33,10 +33,13 @@ One-time set-up of zohofs for your Zoho CRM org (you must be a CRM administrator
 """
 
 
-def default_token_path(env: dict[str, str] | None = None) -> Path:
+def config_directory(env: dict[str, str] | None = None) -> Path:
     env = dict(os.environ) if env is None else env
-    base = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return base / "zohofs" / "refresh-token"
+    return Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "zohofs"
+
+
+def default_token_path(env: dict[str, str] | None = None) -> Path:
+    return config_directory(env) / "refresh-token"
 
 
 async def exchange_code(client: httpx.AsyncClient, accounts_url: str, client_id: str,
@@ -78,24 +81,44 @@ def store_secret(path: Path, secret: str) -> None:
         raise
 
 
-def summary(path: Path, client_id_hint: str) -> str:
-    return f"""\
-Saved the refresh token to {path} (mode 600).
+def config_text(client_id: str, secret_path: Path | None, token_path: Path, dc: str,
+                accounts_url: str | None) -> str:
+    """A config file that works as it is: the data centre, the client, where the secrets
+    are."""
+    lines = [f'dc = "{dc}"'] if dc != "us" else []
+    if accounts_url:
+        lines.append(f'accounts_url = "{accounts_url}"')
+    lines.append(f'client_id = "{client_id}"')
+    if secret_path is not None:
+        lines.append(f'client_secret_file = "{secret_path}"')
+    else:
+        lines.append('client_secret_file = "/path/to/client-secret"  # the file you gave')
+    lines.append(f'refresh_token_file = "{token_path}"')
+    return "\n".join(lines) + "\n"
 
-The mount finds it when you give it, with the client id and secret, in any of these ways:
-  * flags:       zohofs mount /zoho --refresh-token-file {path} \\
-                     --client-id-file FILE --client-secret-file FILE
-  * environment: ZOHO_CLIENT_ID, ZOHO_CLIENT_SECRET, ZOHO_REFRESH_TOKEN
-  * config file  (~/.config/zohofs/config.toml, chmod 600):
-        client_id = "{client_id_hint}"
-        client_secret_file = "/path/to/client-secret"
-        refresh_token_file = "{path}"
+
+def summary(token_path: Path, secret_path: Path | None, config: str,
+            config_path: Path) -> str:
+    saved = f"Saved the refresh token to {token_path}"
+    if secret_path is not None:
+        saved += f" and the client secret to {secret_path}"
+    return f"""\
+{saved} (mode 600).
+
+Put this in {config_path} (chmod 600):
+
+{config}
 Then try:  zohofs ls
 """
 
 
 def ask(prompt: str, read: Callable[[str], str]) -> str:
-    value = read(prompt).strip()
+    try:
+        value = read(prompt).strip()
+    except EOFError:
+        raise ConfigError(f"no {prompt.strip(': ').lower()} entered: standard input is "
+                          "closed (give --client-id-file, --client-secret-file and "
+                          "--code-file to run without a terminal)") from None
     if not value:
         raise ConfigError(f"nothing entered for: {prompt.strip(': ')}")
     return value
