@@ -55,7 +55,6 @@ class ChunkCache:
         self._reserved = reserved
         self._flights: dict[Hashable, Flight] = {}
         self.capacity = capacity
-        self.hits = self.misses = 0
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._lru or key in self._held or key in self._flights

@@ -159,8 +159,8 @@ class ZohoFS:
         # before they are read); what was read fills the rest, and all of it when nothing
         # is being fetched ahead.
         self._budget = PrefetchBudget(cache_size // 2)
-        # Chunks on their way count too: the cache's memory stays within its size.
         self._buffers = BufferPool(CHUNK, limit=BUFFERS_KEPT)
+        # Chunks on their way count too: the cache's memory stays within its size.
         self._cache = ChunkCache(cache_size, reserved=lambda: self._budget.used,
                                  on_evict=self._buffers.give)
         self._tokens = tokens
