@@ -9,6 +9,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -393,3 +394,18 @@ def test_mount_point_mistakes_are_named(
     m = mount(name="full")
     assert "full is not empty (1 names): what it holds is hidden" in m.log
     m.expect_log("is not empty")
+
+
+def test_systemd_hears_ready_and_a_status_line(mount: MountFactory, backup: Backup) -> None:
+    name = f"zohofs-test-{os.getpid()}-{random.randrange(1 << 30)}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind("\0" + name)  # abstract: nothing to clean up
+        notify.settimeout(20)
+        m = mount(env={"NOTIFY_SOCKET": "@" + name})
+        heard = [notify.recv(4096).decode() for _ in range(2)]
+        assert m.stop() == 0
+        while "STOPPING=1" not in heard:  # a timeout here fails the test
+            heard.append(notify.recv(4096).decode())
+    assert heard[0] == "READY=1"
+    assert re.fullmatch(rf"STATUS={len(backup.files)} files, 0 open; fetched \S+ MB in \d+ "
+                        r"GETs; 0 errors", heard[1]), heard[1]

@@ -32,6 +32,7 @@ from zohofs.auth import Credentials
 from zohofs.config import Config, MiB, access_token, parse_size
 from zohofs.diagnose import dump_on_usr1
 from zohofs.errors import ConfigError, ZohofsError
+from zohofs.fs import ZohoFS
 from zohofs.hosts import DATA_CENTRES
 from zohofs.logs import setup as setup_logging
 from zohofs.operations import Operations
@@ -267,6 +268,22 @@ def _notify_systemd(state: str) -> None:
         log.warning("cannot notify systemd (%s): %s", address, exc)
 
 
+STATUS_EVERY = 5.0
+
+
+async def _report_to_systemd(fs: ZohoFS) -> None:
+    """The one-line summary `systemctl status` shows (STATUS=), kept current."""
+    while True:
+        _notify_systemd("STATUS=" + status_line(fs.status()))
+        await trio.sleep(STATUS_EVERY)
+
+
+def status_line(s: dict[str, Any]) -> str:
+    errors = sum(s["errors"].values())
+    return (f"{s['files']} files, {len(s['open_files'])} open; fetched "
+            f"{_mb(s['bytes_fetched'])} in {s['gets']} GETs; {errors} errors")
+
+
 async def serve(config: Config, on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
     """Discover, mount, serve until unmounted or signalled, and always unmount."""
     _map_big_buffers()
@@ -301,6 +318,8 @@ async def serve(config: Config, on_ready: Callable[[], Awaitable[None]] | None =
                                 nursery.start_soon(_raise_kernel_readahead, operations,
                                                    config.mountpoint, 2 * config.block_size)
                             _notify_systemd("READY=1")
+                            if os.environ.get("NOTIFY_SOCKET"):
+                                nursery.start_soon(_report_to_systemd, runtime.fs)
                             if on_ready is not None:
                                 nursery.start_soon(on_ready)
                             await pyfuse3.main()
