@@ -1,22 +1,31 @@
 # Everything a fresh Debian machine needs, then the thing asked for.
 VENV  := .venv
 PY    := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+SUM   := $(shell cksum < pyproject.toml | cut -d' ' -f1)
+# What running zohofs needs, and what testing it needs on top (each installed once).
+RUN_STAMP  := $(VENV)/.run-$(SUM)
+TEST_STAMP := $(VENV)/.test-$(SUM)
 
 .PHONY: all deps demo test lint unit bench clean
 
 all: test
 
-deps: $(STAMP)
+deps: $(TEST_STAMP)
 
-$(STAMP): pyproject.toml scripts/install-system-deps
+$(RUN_STAMP): pyproject.toml scripts/install-system-deps
 	./scripts/install-system-deps
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
-	rm -f $(VENV)/.installed-*
+	$(PY) -m pip install -q -e .
+	rm -f $(VENV)/.run-*
 	touch $@
 
-demo: deps
+$(TEST_STAMP): $(RUN_STAMP)
+	./scripts/install-system-deps --test
+	$(PY) -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.test-*
+	touch $@
+
+demo: $(RUN_STAMP)
 	$(VENV)/bin/zohofs demo $(MOUNTPOINT)
 
 lint: deps
