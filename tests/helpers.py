@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from zohofs.emulator.server import Emulator
+
 MOUNT_DEADLINE = 30.0
 EXIT_DEADLINE = 20.0
 # Log lines that fail a test unless the test declares them expected.
@@ -52,6 +54,32 @@ def reads_as(path: Path, data: bytes) -> bool:
         return path.read_bytes() == data
     except OSError:
         return False
+
+
+def data_gets(emulator: Emulator, name: str | None = None) -> list[str]:
+    """Ranges of the logged GETs that fetched data (probes excluded)."""
+    return [r.headers.get("Range", "") for r in emulator.gets(name)
+            if r.headers.get("Range") != "bytes=0-0"]
+
+
+def spans(ranges: list[str]) -> list[tuple[int, int]]:
+    """``bytes=first-last`` headers as sorted (first, last) pairs."""
+    return sorted((int(a), int(b)) for a, b in (r[6:].split("-") for r in ranges))
+
+
+def fetched(ranges: list[str]) -> int:
+    """Bytes the ranges asked for."""
+    return sum(last - first + 1 for first, last in spans(ranges))
+
+
+def fetched_once(ranges: list[str], size: int) -> bool:
+    """The ranges fetched cover ``[0, size)`` with no byte fetched twice."""
+    position = 0
+    for first, last in spans(ranges):
+        if first != position:
+            return False
+        position = last + 1
+    return position == size
 
 
 def sha256(data: bytes) -> str:

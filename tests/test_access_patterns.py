@@ -13,13 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MiB, MountFactory
-from tests.test_mount import JOB, data_gets, fetched_once
+from tests.helpers import data_gets, fetched, fetched_once
+from tests.test_mount import JOB
 from zohofs.emulator.backup import Backup
 from zohofs.emulator.server import Emulator
-
-
-def fetched(ranges: list[str]) -> int:
-    return sum(int(b) - int(a) + 1 for a, b in (r[6:].split("-") for r in ranges))
 
 
 def add(emulator: Emulator, backup: Backup, name: str, data: bytes) -> Path:

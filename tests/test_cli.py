@@ -80,3 +80,43 @@ def test_emulator_serves_a_data_dir_over_tls(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
+
+
+def test_every_command_and_flag_says_what_it_is_for() -> None:
+    import argparse
+
+    from zohofs.cli import build_parser
+
+    parser = build_parser()
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    undocumented = [
+        f"{name} {'/'.join(action.option_strings)}"
+        for name, sub in commands.choices.items() for action in sub._actions
+        if action.option_strings and not action.help]
+    assert undocumented == []
+    assert all(choice.help for choice in commands._choices_actions)
+
+
+def zohofs(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "zohofs", *args], capture_output=True,
+                          text=True, timeout=60, cwd=cwd,
+                          env={**os.environ, "XDG_CONFIG_HOME": str(cwd)})
+
+
+def test_configuration_mistakes_name_the_key_and_the_source(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("connections = 0\n")
+    bad = zohofs("ls", "--config", str(config), "--link", "https://x.invalid/a", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert (f"zohofs: error: config file {config}: bad value for 'connections': must be at "
+            "least 1, not 0") in bad.stderr
+    flag = zohofs("mount", str(tmp_path / "nowhere"), "--block-size", "100M", "--link",
+                  "https://x.invalid/a", cwd=tmp_path)
+    assert flag.returncode == 2
+    assert ("command line: bad value for 'block_size': must be between 1 MiB and 64 MiB, "
+            "not 100 MiB") in flag.stderr
+    config.write_bytes(b"timeout = 5\n# caf\xe9\n")
+    latin1 = zohofs("ls", "--config", str(config), cwd=tmp_path)
+    assert latin1.returncode == 2 and "is not UTF-8 text" in latin1.stderr
+    for result in (bad, flag, latin1):
+        assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1

@@ -49,12 +49,24 @@ def test_precedence_flags_env_file_defaults(tmp_path: Path) -> None:
     ("[[account]]\nclient_id = 'a'\nfavourite = 1\n", "unknown key 'favourite'"),
     ("[[account]]\nclient_id = 'a'\n", "client_secret, refresh_token missing"),
     ("retries = \n", "config.toml"),
+    ("block_size = '100M'\n", "'block_size': must be between 1 MiB and 64 MiB, not 100 MiB"),
+    ("connections = 0\n", "'connections': must be at least 1, not 0"),
+    ("timeout = 0\n", "'timeout': must be more than 0, not 0"),
+    ("read_timeout = -5\n", "'read_timeout': must be more than 0, not -5"),
+    ("readahead = -1\n", "'readahead': must be at least 0, not -1"),
+    ("cache_size = 1\n", "'cache_size': must be at least 2 MiB, not 1 MiB"),
 ])
 def test_bad_files_name_the_key_and_the_file(tmp_path: Path, toml: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         settings_of(tmp_path, toml)
     assert message in str(info.value)
     assert "config.toml" in str(info.value)
+
+
+def test_settings_that_disagree_name_both_keys(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cache_size \(10 MiB\) must hold at least two "
+                       r"blocks of block_size \(8 MiB\)"):
+        settings_of(tmp_path, "cache_size = 10\nblock_size = '8M'\n")
 
 
 def test_several_accounts(tmp_path: Path) -> None:
@@ -114,3 +126,9 @@ def test_default_config_location(tmp_path: Path) -> None:
     write(tmp_path / "zohofs" / "config.toml", "retries = 9\n")
     settings, _ = build({}, SECRET_FLAGS, {"XDG_CONFIG_HOME": str(tmp_path)}, None)
     assert settings["retries"] == 9
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_bytes("\ufeffretries = 7\n".encode())
+    settings, _ = build({}, SECRET_FLAGS, {}, str(tmp_path / "config.toml"))
+    assert settings["retries"] == 7

@@ -20,28 +20,19 @@ from typing import Any
 import pytest
 
 from tests.conftest import MiB, MountFactory
-from tests.helpers import file_sha256, is_mounted, reads_as, sha256, wait_for
+from tests.helpers import (
+    data_gets,
+    fetched_once,
+    file_sha256,
+    is_mounted,
+    reads_as,
+    sha256,
+    wait_for,
+)
 from zohofs.emulator.backup import Backup
 from zohofs.emulator.server import DEFAULT_LAST_MODIFIED, Emulator
 
 JOB = "757345985/4876876000001594004"
-
-
-def data_gets(emulator: Emulator, name: str | None = None) -> list[str]:
-    """Ranges of the logged GETs that fetched data (probes excluded)."""
-    return [r.headers.get("Range", "") for r in emulator.gets(name)
-            if r.headers.get("Range") != "bytes=0-0"]
-
-
-def fetched_once(ranges: list[str], size: int) -> bool:
-    """The ranges fetched cover ``[0, size)`` with no byte fetched twice."""
-    spans = sorted((int(a), int(b)) for a, b in (r[6:].split("-") for r in ranges))
-    position = 0
-    for first, last in spans:
-        if first != position:
-            return False
-        position = last + 1
-    return position == size
 
 
 def test_tree_shape_and_attributes(mount: MountFactory, backup: Backup) -> None:

@@ -304,6 +304,26 @@ def test_a_lock_out_one_process_met_holds_every_process_back(
     assert sum(p == "/oauth/v2/token" for p in emulator.arrived) == posts  # not asked again
 
 
+def test_a_mount_started_during_a_lock_out_serves_once_it_lifts(
+        oauth_mount: MountFactory, emulator: Emulator, account: EmulatedAccount,
+        backup: Backup, private_token_store: Path) -> None:
+    emulator.throttle_limit = 0  # Zoho has locked this client out
+    m = oauth_mount(extra="lookup_refresh_interval = 0.5")
+    m.expect_log(r"too many requests.*will not ask again before")
+    wait_for(lambda: "will not ask again before" in m.log, 10, "the lock-out logged")
+    assert os.listdir(m.path) == []  # up and answering, with nothing to show yet
+    # Zoho lifts the lock-out; its end is reached here by moving the shared store's
+    # "not before" into the past rather than by waiting the 20 minutes.
+    emulator.throttle_limit = 10
+    [store] = private_token_store.glob("tokens-*.json")
+    shared = json.loads(store.read_text())
+    assert shared["paused_until"] > time.time()
+    store.write_text(json.dumps({**shared, "paused_until": time.time() - 1}))
+    wait_for(lambda: os.listdir(m.path) == [ZGID], 20, "the tree after the lock-out")
+    assert (m.path / JOB / "Data_001.zip").read_bytes() == backup.files["Data_001.zip"]
+    assert len(emulator.issued) == 1
+
+
 def test_login_stores_the_refresh_token_privately(
         emulator: Emulator, account: EmulatedAccount, tmp_path: Path) -> None:
     for name, value in (("id", account.client_id), ("secret", account.client_secret),
@@ -415,8 +435,9 @@ def test_a_stuck_api_host_does_not_hang_lookups(
     assert (m.path / JOB / "Data_001.zip").read_bytes() == backup.files["Data_001.zip"]
 
 
-def test_an_fstab_line_mounts_in_the_background_and_umount_ends_it(
-        emulator: Emulator, account: EmulatedAccount, backup: Backup, tmp_path: Path) -> None:
+def mount_by_fstab(emulator: Emulator, account: EmulatedAccount, tmp_path: Path,
+                   options: str = "") -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """`mount --fstab` of a zohofs line for ``account``; the mount point and the result."""
     cfg = write_config(tmp_path / "c.toml", emulator, account,
                        f'trust_hosts = ["127.0.0.1:{emulator.port}"]')
     mnt = tmp_path / "backups"
@@ -426,10 +447,15 @@ def test_an_fstab_line_mounts_in_the_background_and_umount_ends_it(
     # source field (type fuse); installed system-wide, the type is fuse.zohofs.
     program = Path(sys.executable).parent / "zohofs"
     fstab = tmp_path / "fstab"
-    fstab.write_text(f"{program}#zoho {mnt} fuse config={cfg},_netdev,nofail,allow_other,"
-                     "x-systemd.mount-timeout=60 0 0\n")
-    result = subprocess.run(["mount", "--fstab", str(fstab), str(mnt)], capture_output=True,
-                            text=True, timeout=60)
+    fstab.write_text(f"{program}#zoho {mnt} fuse config={cfg}{options} 0 0\n")
+    return mnt, subprocess.run(["mount", "--fstab", str(fstab), str(mnt)],
+                               capture_output=True, text=True, timeout=60)
+
+
+def test_an_fstab_line_mounts_in_the_background_and_umount_ends_it(
+        emulator: Emulator, account: EmulatedAccount, backup: Backup, tmp_path: Path) -> None:
+    mnt, result = mount_by_fstab(emulator, account, tmp_path,
+                                 ",_netdev,nofail,allow_other,x-systemd.mount-timeout=60")
     try:
         assert result.returncode == 0, result.stderr
         assert is_mounted(mnt)  # live when mount(8) returns: no waiting
@@ -444,19 +470,11 @@ def test_an_fstab_line_mounts_in_the_background_and_umount_ends_it(
 def test_an_fstab_mount_that_cannot_start_fails_mount_with_the_reason(
         emulator: Emulator, account: EmulatedAccount, tmp_path: Path) -> None:
     wrong = dataclasses.replace(account, client_secret="1000.wrong")
-    cfg = write_config(tmp_path / "c.toml", emulator, wrong,
-                       f'trust_hosts = ["127.0.0.1:{emulator.port}"]')
-    mnt = tmp_path / "backups"
-    mnt.mkdir()
-    started_mounts_add(mnt)
-    program = Path(sys.executable).parent / "zohofs"
-    fstab = tmp_path / "fstab"
-    fstab.write_text(f"{program}#zoho {mnt} fuse config={cfg} 0 0\n")
     try:
-        result = subprocess.run(["mount", "--fstab", str(fstab), str(mnt)],
-                                capture_output=True, text=True, timeout=60)
+        mnt, result = mount_by_fstab(emulator, wrong, tmp_path)
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+        subprocess.run(["umount", "-l", str(tmp_path / "backups")], capture_output=True,
+                       check=False)
     assert result.returncode != 0
     assert "wrong client secret" in result.stderr
     assert not is_mounted(mnt)

@@ -33,6 +33,8 @@ MAX_ANSWER = 64 * 1024
 
 
 class TokenSource(Protocol):
+    refreshes: int  # new tokens this process obtained
+
     async def token(self) -> str:
         """A currently valid access token (may wait for a refresh)."""
         ...
@@ -53,6 +55,7 @@ class StaticToken:
         if not token or any(c.isspace() for c in token):
             raise ConfigError("the access token is empty or contains whitespace")
         self._token = token
+        self.refreshes = 0
 
     async def token(self) -> str:
         return self._token
@@ -234,6 +237,11 @@ class OAuthTokens:
             self._pause(now, shared.paused_until - wall,
                         SignInThrottled(shared.pause_reason), usable)
             return
+        if isinstance(self._pause_error, SignInThrottled):
+            # The store is the authority on a lock-out: once it has passed there (or an
+            # administrator removed the store after fixing the cause), this process asks
+            # again too, within the budget the shared requests above leave.
+            self._paused_until = -math.inf
         await self._ask(now, after_rejection, shared)
 
     async def _ask(self, now: float, after_rejection: bool,

@@ -77,12 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--code-file", metavar="FILE", help="read the grant code from FILE")
     lg.add_argument("--output", metavar="FILE", type=Path,
                     help=f"where to store the refresh token (default {login.default_token_path()})")
-    lg.add_argument("--ca-file", metavar="PEM")
-    lg.add_argument("-d", "--debug", action="store_true")
+    lg.add_argument("--ca-file", metavar="PEM", help="also trust this CA ($SSL_CERT_FILE too)")
+    lg.add_argument("-d", "--debug", action="store_true", help="log every request")
 
     e = sub.add_parser("emulator", help="run the built-in Zoho emulator")
-    e.add_argument("--host", default="127.0.0.1")
-    e.add_argument("--port", type=int, default=0)
+    e.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    e.add_argument("--port", type=int, default=0, help="port to listen on (default: any free)")
     e.add_argument("--tls", action="store_true", help="serve https with a self-signed CA")
     e.add_argument("--ca-out", metavar="FILE", help="where to write the CA (with --tls)")
     e.add_argument("--token", default="emulator-token",
@@ -96,12 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rate", metavar="SIZE",
                    help="cap each connection at SIZE bytes per second (e.g. 20M)")
     _add_backup_options(e)
-    e.add_argument("-d", "--debug", action="store_true")
+    e.add_argument("-d", "--debug", action="store_true", help="log every request it serves")
 
     d = sub.add_parser("demo", help="mount a generated backup served by the emulator")
     d.add_argument("mountpoint", nargs="?", default="./zoho-demo")
     _add_backup_options(d, part_size="16M")  # small parts, so the demo shows several
-    d.add_argument("-d", "--debug", action="store_true")
+    d.add_argument("-d", "--debug", action="store_true", help="log every request")
     return parser
 
 
@@ -113,13 +113,17 @@ def _add_account_options(p: argparse.ArgumentParser) -> None:
                    help="refuse secret files readable by group or others")
     p.add_argument("--dc", choices=sorted(DATA_CENTRES), help="Zoho data centre (default us)")
     p.add_argument("--accounts-url", metavar="URL", help="override the accounts server")
-    p.add_argument("--client-id-file", metavar="FILE")
-    p.add_argument("--client-secret-file", metavar="FILE")
+    p.add_argument("--client-id-file", metavar="FILE",
+                   help="the Self Client's client id (else $ZOHO_CLIENT_ID or the config)")
+    p.add_argument("--client-secret-file", metavar="FILE",
+                   help="its client secret (else $ZOHO_CLIENT_SECRET or the config)")
 
 
 def _add_source_options(p: argparse.ArgumentParser) -> None:
     _add_account_options(p)
-    p.add_argument("--refresh-token-file", metavar="FILE")
+    p.add_argument("--refresh-token-file", metavar="FILE",
+                   help="the refresh token `zohofs login` stored (else $ZOHO_REFRESH_TOKEN "
+                        "or the config)")
     p.add_argument("--api-url", metavar="URL", help="override the API server")
     p.add_argument("--api-version", type=int, metavar="N", help="backup API version (8)")
     p.add_argument("--listing-interval", type=float, metavar="SECONDS",

@@ -88,19 +88,12 @@ class Config:
     fuse_options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not MIN_BLOCK_SIZE <= self.block_size <= MAX_BLOCK_SIZE:
-            raise ConfigError(f"block size must be between {MIN_BLOCK_SIZE // MiB} MiB and "
-                              f"{MAX_BLOCK_SIZE // MiB} MiB, not {self.block_size} bytes")
+        # Each setting's own range is checked where it is read (SETTINGS), so the message
+        # names its key and source; only what spans two settings is left to check here.
         if self.cache_size < 2 * self.block_size:
-            raise ConfigError(f"cache size must hold at least two blocks "
-                              f"({2 * self.block_size // MiB} MiB)")
-        for name in ("connections", "retries", "api_version"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1")
-        if (self.readahead_blocks < 0 or self.timeout <= 0 or self.read_timeout <= 0
-                or self.listing_interval <= 0):
-            raise ConfigError("readahead, timeout, read_timeout and listing_interval must be "
-                              "positive")
+            raise ConfigError(f"cache_size ({self.cache_size / MiB:g} MiB) must hold at least "
+                              f"two blocks of block_size ({self.block_size / MiB:g} MiB): "
+                              "raise cache_size or lower block_size")
 
     def ssl_context(self) -> ssl.SSLContext:
         """Verifying TLS: the system's CAs (``SSL_CERT_FILE`` honoured) plus ``ca_file``."""
@@ -242,12 +235,32 @@ def _url(value: Any) -> str:
     return url
 
 
+def _ranged(parse: Callable[[Any], Any], low: float, high: float = math.inf,
+              unit: str = "") -> Callable[[Any], Any]:
+    """``parse`` then a range check, so a bad value is reported with its key and source."""
+    def check(value: Any) -> Any:
+        parsed = parse(value)
+        if not low <= parsed <= high:
+            def shown(n: float) -> str:
+                return f"{n / MiB:g} MiB" if unit == "MiB" else f"{n:g}"
+            bound = (f"between {shown(low)} and {shown(high)}" if high != math.inf
+                     else "more than 0" if low == _POSITIVE else f"at least {shown(low)}")
+            raise ValueError(f"must be {bound}, not {shown(parsed)}")
+        return parsed
+    return check
+
+
+_POSITIVE = 1e-9  # "more than zero" for seconds
+
 SETTINGS: dict[str, Callable[[Any], Any]] = {
-    "dc": _dc, "accounts_url": _url, "api_url": _url, "api_version": _integer,
-    "listing_interval": _number, "lookup_refresh_interval": _number,
-    "cache_size": lambda v: parse_size(v, MiB),
-    "block_size": parse_size, "readahead": _integer, "connections": _integer,
-    "timeout": _number, "read_timeout": _number, "retries": _integer, "retry_delay": _number,
+    "dc": _dc, "accounts_url": _url, "api_url": _url, "api_version": _ranged(_integer, 1),
+    "listing_interval": _ranged(_number, _POSITIVE),
+    "lookup_refresh_interval": _ranged(_number, 0),
+    "cache_size": _ranged(lambda v: parse_size(v, MiB), 2 * MIN_BLOCK_SIZE, unit="MiB"),
+    "block_size": _ranged(parse_size, MIN_BLOCK_SIZE, MAX_BLOCK_SIZE, unit="MiB"),
+    "readahead": _ranged(_integer, 0), "connections": _ranged(_integer, 1),
+    "timeout": _ranged(_number, _POSITIVE), "read_timeout": _ranged(_number, _POSITIVE),
+    "retries": _ranged(_integer, 1), "retry_delay": _ranged(_number, 0),
     "page_cache": _boolean,
     "ca_file": _string, "trust_hosts": _strings, "fuse_options": _strings, "links": _strings,
     "links_file": _string,

@@ -11,6 +11,8 @@ Exception tree (each class carries its errno and the log level it deserves)::
     │   ├── SignInThrottled          EBUSY   too many token refreshes: waiting it out
     │   └── SignInUnavailable        EIO     Zoho Accounts unreachable or failing (5xx)
     ├── DiscoveryError               EIO     the backup URLs API failed or answered nonsense
+    ├── BadArchive                   EIO     (--expand) a zip whose directory cannot be read,
+    │                                        a member that fails its CRC or cannot be inflated
     └── RemoteError                  EIO     anything the download host did wrong
         ├── AccessDenied             EACCES  401 / 403
         │   └── LinkExpired          EACCES  the link is past its expiry date
@@ -78,6 +80,11 @@ class SignInUnavailable(SignInError):
 
 class DiscoveryError(ZohofsError):
     """The backup URLs API failed, or answered something we refuse to trust."""
+
+
+class BadArchive(ZohofsError):
+    """Inside a zip (``--expand``): what the archive says cannot be true, a member's bytes
+    fail their CRC-32, or its compression method is not one zohofs can inflate."""
 
 
 class RemoteError(ZohofsError):

@@ -123,6 +123,7 @@ class OpenFile:
     file: BackupFile  # as it was at open: a later listing may bring a new link
     info: RemoteInfo
     pattern: ReadPattern
+    activity: FileActivity  # what `zohofs status` shows of this handle
     # What the cache keys of this handle's blocks say about the version: the validators,
     # or for a server that sends none, this open alone (nothing proves two opens saw the
     # same bytes, so they share no blocks).
@@ -130,7 +131,6 @@ class OpenFile:
     # Chunks fetched (or being fetched) ahead for this reader and not yet read, with the
     # bytes each took from the prefetch budget.
     held: dict[Hashable, int] = field(default_factory=dict)
-    activity: FileActivity | None = None
 
 
 def validated(info: RemoteInfo) -> bool:
@@ -368,18 +368,18 @@ class ZohoFS:
         """What the mount is doing, for `zohofs status` (the root's user.zohofs.status)."""
         now = time.time()
         stats = self.stats
-        expiries = [n.file.expires for n in self.files if n.file and n.file.expires]
+        files = self.files
+        expiries = [n.file.expires for n in files if n.file and n.file.expires]
         return {
             "mounted_since": datetime.fromtimestamp(stats.started, UTC).isoformat(),
-            "files": len(self.files),
-            "open_files": [h.activity.summary(now) for h in self._open.values()
-                           if h.activity is not None],
+            "files": len(files),
+            "open_files": [h.activity.summary(now) for h in self._open.values()],
             "gets": stats.gets, "bytes_fetched": stats.bytes_fetched,
             "retries": stats.retries,
             "chunk_hits": stats.chunk_hits, "chunk_misses": stats.chunk_misses,
             "cache_bytes": self._cache.size,
             "errors": dict(stats.errors),
-            "token_refreshes": sum(getattr(t, "refreshes", 0) for t in self._tokens.values()),
+            "token_refreshes": sum(t.refreshes for t in self._tokens.values()),
             "links_expire": min(expiries).isoformat() if expiries else None,
         }
 
@@ -427,8 +427,8 @@ class ZohoFS:
         node.kernel_version = version
         pattern = ReadPattern(self._budget, info.size, max_ahead=self._max_ahead,
                               max_request=self._max_request)
-        self._open[fh] = OpenFile(node, node.file, info, pattern, version,
-                                  activity=FileActivity(node.file.path, info.size))
+        self._open[fh] = OpenFile(node, node.file, info, pattern,
+                                  FileActivity(node.file.path, info.size), version)
         return fh, keep_cache
 
     def release(self, fh: int) -> None:
@@ -450,8 +450,7 @@ class ZohoFS:
             raise NoSuchEntry(f"no open file {fh}")
         with self._deadline(handle.file.path, "reading %d bytes at %d", size, offset):
             pieces = await self._read(handle, offset, size)
-        if handle.activity is not None:
-            handle.activity.read(offset, sum(len(p) for p in pieces))
+        handle.activity.read(offset, sum(len(p) for p in pieces))
         return pieces
 
     @contextlib.contextmanager
@@ -683,6 +682,7 @@ class ZohoFS:
 def check_expiry(file: BackupFile) -> None:
     """Fail with EACCES once the link is past the expiry date the listing gave."""
     if file.expires is not None and datetime.now(UTC) >= file.expires:
-        raise LinkExpired(f"{file.path}: the download link expired on "
-                          f"{file.expires.isoformat()}; Zoho offers a backup's links for 7 "
-                          "days only")
+        # In local time: the date a reader of this machine's log expects.
+        when = file.expires.astimezone().isoformat(timespec="seconds")
+        raise LinkExpired(f"{file.path}: the download link expired on {when}; Zoho offers "
+                          "a backup's links for 7 days only")
