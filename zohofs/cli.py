@@ -160,6 +160,9 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-cache", action="store_true", default=None,
                    help="read through the kernel page cache: mmap works and re-reads are "
                         "fast, but cold reads are slower (the default bypasses it)")
+    p.add_argument("--expand", action="store_true", default=None,
+                   help="also show each X.zip's files (CSVs, attachments) in a folder X/ "
+                        "next to it, read on demand; -o expand does the same")
     p.add_argument("-o", dest="fuse_options", action="append", metavar="OPT[,OPT]",
                    help="FUSE mount options, e.g. allow_other")
 
@@ -174,6 +177,8 @@ def _add_backup_options(p: argparse.ArgumentParser, part_size: str = "1G") -> No
 def config_from_args(args: argparse.Namespace) -> Config:
     """Flags > environment > config file > defaults, secrets never from argv."""
     options = getattr(args, "fuse_options", None)
+    # -o expand (what an fstab line can say) is ours, not FUSE's.
+    fuse_options = [o for opt in options or () for o in opt.split(",") if o]
     flags: dict[str, Any] = {
         "dc": args.dc, "accounts_url": args.accounts_url, "api_url": args.api_url,
         "api_version": args.api_version, "listing_interval": args.listing_interval,
@@ -185,7 +190,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "read_timeout": args.read_timeout, "retries": args.retries,
         "retry_delay": args.retry_delay, "ca_file": args.ca_file,
         "trust_hosts": args.trust_host,
-        "fuse_options": [o for opt in options for o in opt.split(",") if o] if options else None,
+        "fuse_options": [o for o in fuse_options if o != "expand"] if options else None,
+        "expand": True if getattr(args, "expand", None) or "expand" in fuse_options else None,
         "links": args.link, "links_file": args.links_file,
     }
     secret_flags = {"client_id": args.client_id_file, "client_secret": args.client_secret_file,
@@ -476,7 +482,8 @@ def describe_status(mountpoint: str, s: dict[str, Any]) -> str:
              f"{s['mounted_since']}, links expire {s['links_expire'] or '-'}",
              f"fetched {_mb(s['bytes_fetched'])} in {s['gets']} GETs, {s['retries']} retries; "
              f"cache {_mb(s['cache_bytes'])}, chunks {s['chunk_hits']} hit / "
-             f"{s['chunk_misses']} fetched; {s['token_refreshes']} token refreshes",
+             f"{s['chunk_misses']} fetched; {s['token_refreshes']} token refreshes"
+             + (f"; inflated {_mb(s['bytes_inflated'])}" if s.get("bytes_inflated") else ""),
              "errors: " + (", ".join(f"{k} {v}" for k, v in sorted(s["errors"].items()))
                            or "none")]
     lines.append(f"open files: {len(s['open_files'])}")

@@ -84,6 +84,7 @@ class Config:
     retries: int = 5
     retry_base_delay: float = 0.25
     direct_io: bool = True
+    expand: bool = False  # show each X.zip's members under X/ as well
     debug: bool = False
     fuse_options: tuple[str, ...] = ()
 
@@ -261,7 +262,7 @@ SETTINGS: dict[str, Callable[[Any], Any]] = {
     "readahead": _ranged(_integer, 0), "connections": _ranged(_integer, 1),
     "timeout": _ranged(_number, _POSITIVE), "read_timeout": _ranged(_number, _POSITIVE),
     "retries": _ranged(_integer, 1), "retry_delay": _ranged(_number, 0),
-    "page_cache": _boolean,
+    "page_cache": _boolean, "expand": _boolean,
     "ca_file": _string, "trust_hosts": _strings, "fuse_options": _strings, "links": _strings,
     "links_file": _string,
 }

@@ -26,8 +26,10 @@ from collections.abc import (
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+import cachetools
 import trio
 
+from zohofs import zipindex
 from zohofs.auth import TokenSource
 from zohofs.buffers import BufferPool
 from zohofs.cache import Abandoned, ChunkCache
@@ -46,6 +48,8 @@ from zohofs.logs import redact_url
 from zohofs.planner import CHUNK, PrefetchBudget, ReadPattern, chunk_range
 from zohofs.remote import RangeReader, RemoteInfo, WholeFileStream
 from zohofs.stats import FileActivity
+from zohofs.zipindex import Member
+from zohofs.zipread import MemberReader, member_reader
 from zohofs.zoho import BackupFile
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,8 @@ BUFFERS_KEPT = 128
 # that much at a time (at least 128 KiB). 1 MiB keeps a random buffered read to about a
 # MiB fetched, while copies still send FUSE its largest reads (1 MiB).
 BLKSIZE = 1024 * 1024
+# Members whose inflation checkpoints are kept (each up to ~40 KiB per 4 MiB inflated).
+MEMBER_READERS_KEPT = 4
 
 
 @dataclass(frozen=True)
@@ -90,11 +96,26 @@ class Attr:
 
 
 @dataclass(eq=False)
+class ArchiveView:
+    """The directory ``X/`` that shows the members of ``X.zip`` (``--expand``), filled
+    when someone first looks inside, again when the archive changed."""
+
+    archive: int  # the inode of X.zip
+    root: int  # the inode of X/
+    version: Hashable = None  # of the archive whose members the directory shows now
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    error: ZohofsError | None = None
+    failed_at: float = -1.0
+
+
+@dataclass(eq=False)
 class Node:
     ino: int
     name: str
     parent: int
-    file: BackupFile | None = None  # None for directories
+    file: BackupFile | None = None  # None for directories and members
+    member: Member | None = None  # a file inside an archive (--expand)
+    view: ArchiveView | None = None  # on X/ and on each folder and member in it
     children: dict[str, int] = field(default_factory=dict)
     info: RemoteInfo | None = None
     # ``info`` is the last good probe. Once it is in doubt (the file changed, a read
@@ -114,7 +135,7 @@ class Node:
 
     @property
     def is_dir(self) -> bool:
-        return self.file is None
+        return self.file is None and self.member is None
 
 
 @dataclass(eq=False)
@@ -131,6 +152,17 @@ class OpenFile:
     # Chunks fetched (or being fetched) ahead for this reader and not yet read, with the
     # bytes each took from the prefetch budget.
     held: dict[Hashable, int] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class OpenMember:
+    """An open member of an archive: its reader, over a handle of the archive itself."""
+
+    node: Node
+    reader: MemberReader
+    archive: OpenFile
+    archive_fh: int
+    activity: FileActivity
 
 
 def validated(info: RemoteInfo) -> bool:
@@ -153,8 +185,9 @@ class ZohoFS:
     def __init__(self, reader: RangeReader, tokens: Mapping[str, TokenSource], *,
                  cache_size: int, max_request: int, max_ahead: int,
                  uid: int | None = None, gid: int | None = None,
-                 read_deadline: float = READ_DEADLINE) -> None:
+                 read_deadline: float = READ_DEADLINE, expand: bool = False) -> None:
         self._reader = reader
+        self._expand = expand
         # Up to half the cache may hold chunks fetched ahead of readers (never evicted
         # before they are read); what was read fills the rest, and all of it when nothing
         # is being fetched ahead.
@@ -181,6 +214,11 @@ class ZohoFS:
         # Every node ever created, by path: one that comes back keeps its inode number.
         self._by_path: dict[str, Node] = {}
         self._open: dict[int, OpenFile] = {}
+        self._members: dict[int, OpenMember] = {}
+        # Member readers by (archive inode, version, member path): their inflation
+        # checkpoints outlive one open.
+        self._member_readers: cachetools.LRUCache[Hashable, MemberReader] = (
+            cachetools.LRUCache(MEMBER_READERS_KEPT))
         self._next_fh = 1
         self._nursery: trio.Nursery | None = None
 
@@ -198,6 +236,9 @@ class ZohoFS:
             node.file = f  # maybe a fresh link (or expiry) for a file we had
             if not known:
                 added.append(node)
+                if self._expand and f.name.endswith(".zip"):
+                    view = self._child(parent, f.name[:-4], None)
+                    view.view = view.view or ArchiveView(node.ino, view.ino)
         return added
 
     async def set_files(self, files: Iterable[BackupFile]) -> None:
@@ -218,6 +259,10 @@ class ZohoFS:
 
     def _detach(self, node: Node) -> None:
         parent = self._nodes[node.parent]
+        if node.file is not None and node.name.endswith(".zip"):
+            view = self._nodes.get(parent.children.get(node.name[:-4], 0))
+            if view is not None and view.view is not None:
+                self._detach(view)  # the archive left: so does the view into it
         if parent.children.get(node.name) == node.ino:
             del parent.children[node.name]
             if self.on_removed is not None:
@@ -248,7 +293,7 @@ class ZohoFS:
     @property
     def files(self) -> list[Node]:
         """The files in the tree now (not those that left it)."""
-        return [n for n in self._nodes.values() if not n.is_dir and self._attached(n)]
+        return [n for n in self._nodes.values() if n.file is not None and self._attached(n)]
 
     def _attached(self, node: Node) -> bool:
         while node.ino != ROOT_INODE:
@@ -311,6 +356,11 @@ class ZohoFS:
             raise NoSuchEntry(f"no inode {ino}") from None
 
     def _mtime(self, node: Node) -> float:
+        if node.member is not None:
+            return node.member.mtime
+        if node.view is not None and node.ino == node.view.root:
+            # X/ shows X.zip's time, also before anyone looked in.
+            return self._mtime(self._nodes[node.view.archive])
         if node.file is not None:
             if node.info and node.info.last_modified is not None:
                 return node.info.last_modified
@@ -325,6 +375,8 @@ class ZohoFS:
         if node.is_dir:
             mode, nlink, size = stat.S_IFDIR | 0o555, 2 + sum(
                 self._nodes[c].is_dir for c in node.children.values()), 0
+        elif node.member is not None:
+            mode, nlink, size = stat.S_IFREG | 0o444, 1, node.member.size
         else:
             mode, nlink, size = stat.S_IFREG | 0o444, 1, node.info.size if node.info else 0
         return Attr(node.ino, mode, nlink, size, int(self._mtime(node) * 1e9), self._uid,
@@ -332,7 +384,7 @@ class ZohoFS:
 
     async def getattr(self, ino: int) -> Attr:
         node = self._node(ino)
-        if not node.is_dir and (node.info is None or node.stale):
+        if node.file is not None and (node.info is None or node.stale):
             await self._probe(node)
         return self.attr(node)
 
@@ -342,6 +394,7 @@ class ZohoFS:
             return await self.getattr(parent)
         if name == "..":
             return await self.getattr(node.parent)
+        await self._expanded(node)
         ino = node.children.get(name)
         if ino is None and self.on_miss is not None and await self.on_miss(name):
             ino = node.children.get(name)  # a new backup may have just appeared
@@ -364,16 +417,24 @@ class ZohoFS:
             raise NoSuchEntry("not a directory")
         return node
 
+    async def opendir(self, ino: int) -> None:
+        await self._expanded(self.directory(ino))
+
     def status(self) -> dict[str, object]:
         """What the mount is doing, for `zohofs status` (the root's user.zohofs.status)."""
         now = time.time()
         stats = self.stats
         files = self.files
         expiries = [n.file.expires for n in files if n.file and n.file.expires]
+        behind_members = {m.archive_fh for m in self._members.values()}
         return {
             "mounted_since": datetime.fromtimestamp(stats.started, UTC).isoformat(),
             "files": len(files),
-            "open_files": [h.activity.summary(now) for h in self._open.values()],
+            # An open member, not the archive handle it reads through.
+            "open_files": [h.activity.summary(now) for fh, h in self._open.items()
+                           if fh not in behind_members]
+            + [m.activity.summary(now) for m in self._members.values()],
+            "bytes_inflated": stats.bytes_inflated,
             "gets": stats.gets, "bytes_fetched": stats.bytes_fetched,
             "retries": stats.retries,
             "chunk_hits": stats.chunk_hits, "chunk_misses": stats.chunk_misses,
@@ -413,25 +474,128 @@ class ZohoFS:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
             raise ReadOnly("zohofs is read-only")
         node = self._node(ino)
-        if node.is_dir:
+        if node.member is not None:
+            fh, version = await self._open_member(node)
+        elif node.is_dir:
             raise NoSuchEntry("is a directory")
+        else:
+            fh, handle = await self._open_file(node)
+            version = handle.version
+        keep_cache = version is not None and node.kernel_version == version
+        node.kernel_version = version
+        return fh, keep_cache
+
+    async def _open_file(self, node: Node) -> tuple[int, OpenFile]:
         if node.info is not None and not validated(node.info):
             node.stale = True  # nothing pins the version: learn the size afresh
         info = await self._probe(node)
         assert node.file is not None
         check_expiry(node.file)
-        fh = self._next_fh
-        self._next_fh += 1
+        fh = self._new_fh()
         version = (info.etag, info.last_modified) if validated(info) else ("open", fh)
-        keep_cache = validated(info) and node.kernel_version == version
-        node.kernel_version = version
         pattern = ReadPattern(self._budget, info.size, max_ahead=self._max_ahead,
                               max_request=self._max_request)
-        self._open[fh] = OpenFile(node, node.file, info, pattern,
-                                  FileActivity(node.file.path, info.size), version)
-        return fh, keep_cache
+        self._open[fh] = handle = OpenFile(node, node.file, info, pattern,
+                                           FileActivity(node.file.path, info.size), version)
+        return fh, handle
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    # -- inside archives (--expand) ------------------------------------------------------
+
+    async def _expanded(self, node: Node) -> None:
+        """Fill ``X/`` (``node``, or the folder in it that ``node`` is) with the members
+        of ``X.zip``, once per version of the archive."""
+        view = node.view
+        if view is None:
+            return
+        node = self._nodes[view.root]
+        archive = self._nodes[view.archive]
+        async with view.lock:
+            info = await self._probe(archive)
+            version = (info.etag, info.last_modified, info.size)
+            if view.version == version:
+                return
+            if view.error is not None and trio.current_time() - view.failed_at < FAILED_PROBE_TTL:
+                raise view.error
+            assert archive.file is not None
+            fh, handle = await self._open_file(archive)
+            try:
+                async def read(offset: int, length: int) -> bytes:
+                    return b"".join(await self._read(handle, offset, length))
+
+                with self._deadline(archive.file.path, "reading its table of contents"):
+                    found, notes = await zipindex.read_index(read, info.size)
+            except ZohofsError as exc:
+                view.error, view.failed_at = exc, trio.current_time()
+                raise
+            finally:
+                self.release(fh)
+            for note in notes:
+                log.warning("%s: %s", archive.file.path, note)
+            self._fill(node, found)
+            view.version, view.error = version, None
+            log.debug("%s: %d members", archive.file.path, len(found))
+
+    def _fill(self, root: Node, members: list[Member]) -> None:
+        """Make ``root`` show exactly ``members``; nodes of paths seen before keep their
+        inodes, names that left are forgotten by the kernel."""
+        before: list[tuple[int, str, int]] = []
+        stack = [root]
+        while stack:
+            directory = stack.pop()
+            for name, ino in directory.children.items():
+                before.append((directory.ino, name, ino))
+                stack.append(self._nodes[ino])
+            directory.children = {}
+        for m in members:
+            parent = root
+            *folders, name = m.path.split("/")
+            for folder in folders:
+                parent = self._child(parent, folder, None)
+                parent.view = root.view
+            leaf = self._child(parent, name, None)
+            leaf.member, leaf.view = m, root.view
+        for parent_ino, name, ino in before:
+            if self._nodes[parent_ino].children.get(name) != ino and self.on_removed:
+                self.on_removed(parent_ino, name)
+
+    async def _open_member(self, node: Node) -> tuple[int, Hashable]:
+        assert node.view is not None
+        await self._expanded(node)  # the archive may have changed
+        member = node.member
+        if member is None or not self._attached(node):
+            raise NoSuchEntry(f"{node.name}: not in the archive any more")
+        archive_fh, archive = await self._open_file(self._nodes[node.view.archive])
+        name = f"{archive.file.path[:-4]}/{member.path}"
+        try:
+            key = (archive.node.ino, archive.version, member.path)
+            reader = self._member_readers.get(key)
+            if reader is None or reader.member != member:
+                with self._deadline(name, "reading its local header"):
+                    header = b"".join(await self._read(
+                        archive, member.header_offset, zipindex.LOCAL_HEADER.size))
+                reader = member_reader(name, member, zipindex.data_offset(header, member),
+                                       archive.info.size, self._cache, key)
+                if reader.failed is not None:
+                    log.warning("%s", reader.failed)
+                self._member_readers[key] = reader
+        except BaseException:
+            self.release(archive_fh)
+            raise
+        fh = self._new_fh()
+        self._members[fh] = OpenMember(node, reader, archive, archive_fh,
+                                       FileActivity(name, member.size))
+        return fh, archive.version
 
     def release(self, fh: int) -> None:
+        member = self._members.pop(fh, None)
+        if member is not None:
+            self.release(member.archive_fh)
+            return
         handle = self._open.pop(fh, None)
         if handle is not None:
             handle.pattern.stop()
@@ -445,6 +609,14 @@ class ZohoFS:
         """Exactly ``size`` bytes at ``offset``, fewer only at end of file, as views of the
         cached chunks in order (joining them is the caller's copy to make); within the read
         deadline, or ReadTimeout."""
+        member = self._members.get(fh)
+        if member is not None:
+            reader, inflated = member.reader, member.reader.inflated
+            with self._deadline(reader.name, "reading %d bytes at %d", size, offset):
+                pieces = await reader.read(_ArchiveBytes(self, member.archive), offset, size)
+            self.stats.bytes_inflated += reader.inflated - inflated
+            member.activity.read(offset, sum(len(p) for p in pieces))
+            return pieces
         handle = self._open.get(fh)
         if handle is None:
             raise NoSuchEntry(f"no open file {fh}")
@@ -677,6 +849,22 @@ class ZohoFS:
                     if attempt or not isinstance(exc, TransportError):
                         raise
         raise AssertionError("unreachable")
+
+
+class _ArchiveBytes:
+    """An archive's bytes as one open member reads them: through the cache, with the
+    archive's handle (its version pinned, its own request sizes)."""
+
+    def __init__(self, fs: ZohoFS, handle: OpenFile) -> None:
+        self._fs = fs
+        self._handle = handle
+
+    async def read(self, offset: int, size: int) -> list[memoryview]:
+        return await self._fs._read(self._handle, offset, size)
+
+    def peek(self, offset: int) -> memoryview | None:
+        data = self._fs._cache.peek(self._fs._key(self._handle, offset // CHUNK))
+        return None if data is None else data[offset % CHUNK:]
 
 
 def check_expiry(file: BackupFile) -> None:

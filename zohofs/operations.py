@@ -125,7 +125,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def opendir(self, inode: int, ctx: Any) -> int:
-        self.fs.directory(inode)
+        await self.fs.opendir(inode)
         return inode
 
     @handler

@@ -18,6 +18,7 @@ class Stats:
     retries: int = 0
     chunk_hits: int = 0  # chunks a read found cached or on their way
     chunk_misses: int = 0  # chunks a read had to ask for
+    bytes_inflated: int = 0  # output of inflating zip members (--expand)
     errors: Counter[str] = field(default_factory=Counter)  # by errno name
 
     def fetched(self, length: int | None) -> None:

@@ -2,7 +2,9 @@
 
 ``Data_NNN.zip`` holds ``Data/<Module>_001.csv`` per module (UTF-8 with a BOM, field labels
 as headers) and ``Metadata/*.csv``; ``Attachments_NNN.zip`` holds the files under
-``Attachments/``, named by attachment record id. Each part is a complete zip on its own.
+``Attachments/``, named by attachment record id and the file's own name (non-ASCII names
+included). Each part is a complete zip on its own; ``many=`` adds a part of that many small
+members (from 65 536 on, a Zip64 archive), :func:`corrupt_member` damages one member.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ ATTACHMENT_COLUMNS = ["Record Id", "File Name", "Size", "Parent.id", "Record Sta
 _FIRST = ["Ana", "Björn", "Chen", "Dara", "Émile", "Farah", "Giulia", "Hiro", "Ivan", "Jyoti"]
 _LAST = ["Ahmed", "Berg", "Costa", "Dubois", "Egede", "Fujita", "García", "Horvat", "Ito"]
 _WORDS = ["renewal", "quote", "follow-up", "demo", "contract", "invoice", "onsite", "pilot"]
+_PEOPLE = ["Bj\u00f6rn", "\u00c9mile", "Garc\u00eda", "\u0141ukasz", "\u5c71\u7530"]
 _EXTENSIONS = [".pdf", ".png", ".docx", ".xlsx", ".jpg", ".txt"]
 
 
@@ -80,8 +83,9 @@ def _add(zf: zipfile.ZipFile, name: str, data: bytes, compress: bool) -> None:
 
 def generate(seed: int = 1, size: int = 24 << 20, part_size: int = 1 << 30,
              zgid: str = "757345985", job_id: str = "4876876000001594004",
-             rows: int = 200) -> Backup:
-    """A backup of about ``size`` bytes, attachments split into parts of ``part_size``."""
+             rows: int = 200, many: int = 0) -> Backup:
+    """A backup of about ``size`` bytes, attachments split into parts of ``part_size``,
+    plus, with ``many``, a last part of that many small attachments."""
     rng = random.Random(seed)
     data = io.BytesIO()
     attachments: list[tuple[str, str, int]] = []  # (record id, file name, size)
@@ -89,7 +93,9 @@ def generate(seed: int = 1, size: int = 24 << 20, part_size: int = 1 << 30,
     largest = max(16 * 1024, min(2 << 20, part_size // 2))
     while budget > 0:
         n = min(budget, rng.randint(16 * 1024, largest))
-        name = f"{rng.choice(_WORDS)}-{len(attachments) + 1}{rng.choice(_EXTENSIONS)}"
+        # Every other file is named after a person: names that need UTF-8 in the zip.
+        word = rng.choice(_PEOPLE if len(attachments) % 2 else _WORDS)
+        name = f"{word}-{len(attachments) + 1}{rng.choice(_EXTENSIONS)}"
         attachments.append((_record_id(rng), name, n))
         budget -= n
     with zipfile.ZipFile(data, "w") as zf:
@@ -127,4 +133,25 @@ def generate(seed: int = 1, size: int = 24 << 20, part_size: int = 1 << 30,
     if zf_part is not None and current is not None:
         zf_part.close()
         files[f"Attachments_{part:03d}.zip"] = current.getvalue()
+    if many:
+        small = io.BytesIO()
+        with zipfile.ZipFile(small, "w", allowZip64=True) as zf:
+            for i in range(many):
+                _add(zf, f"Attachments/{_record_id(rng)}_note-{i}.txt",
+                     f"attachment {i}\n".encode(), compress=i % 2 == 0)
+        files[f"Attachments_{part + 1:03d}.zip"] = small.getvalue()
     return Backup(zgid, job_id, files)
+
+
+def corrupt_member(archive: bytes, name: str) -> bytes:
+    """``archive`` with one byte in the middle of member ``name``'s data flipped: its
+    headers and CRC-32 say what it held before."""
+    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+        info = zf.getinfo(name)
+    header = info.header_offset
+    name_len, extra_len = int.from_bytes(archive[header + 26:header + 28], "little"), \
+        int.from_bytes(archive[header + 28:header + 30], "little")
+    at = header + 30 + name_len + extra_len + info.compress_size // 2
+    damaged = bytearray(archive)
+    damaged[at] ^= 0x01
+    return bytes(damaged)

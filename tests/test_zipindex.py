@@ -1,0 +1,185 @@
+"""The zip index and member readers without a mount: every member as Python's zipfile
+reads it, Zip64, names, hostile archives; inflation from checkpoints."""
+
+from __future__ import annotations
+
+import io
+import random
+import struct
+import zipfile
+import zlib
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zohofs.cache import ChunkCache
+from zohofs.emulator.backup import corrupt_member, generate
+from zohofs.errors import BadArchive
+from zohofs.planner import CHUNK, MiB
+from zohofs.zipindex import Member, data_offset, read_index
+from zohofs.zipread import CHECKPOINT_EVERY, DeflatedReader, member_reader
+
+
+def index(archive: bytes) -> tuple[list[Member], list[str]]:
+    async def read(offset: int, size: int) -> bytes:
+        return archive[offset:offset + size]
+
+    return trio.run(read_index, read, len(archive))
+
+
+class Source:
+    """An archive in memory, read the way the filesystem serves it."""
+
+    def __init__(self, archive: bytes) -> None:
+        self.archive = archive
+        self.read_bytes = 0
+
+    async def read(self, offset: int, size: int) -> list[memoryview]:
+        self.read_bytes += size
+        return [memoryview(self.archive)[offset:offset + size]]
+
+    def peek(self, offset: int) -> memoryview | None:
+        return None
+
+
+async def read_member(archive: bytes, m: Member, source: Source | None = None,
+                      cache: ChunkCache | None = None) -> bytes:
+    reader = member_reader(m.path, m,
+                           data_offset(archive[m.header_offset:m.header_offset + 30], m),
+                           len(archive), cache or ChunkCache(64 * MiB), ("t", m.path))
+    source = source or Source(archive)
+    out = b""
+    while len(out) < m.size:
+        out += b"".join(bytes(p) for p in await reader.read(source, len(out), 1 << 20))
+    return out
+
+
+def test_every_member_of_a_generated_backup_reads_as_zipfile_reads_it() -> None:
+    backup = generate(seed=5, size=4 * MiB, rows=3000, many=70_000)
+    for name, archive in backup.files.items():
+        found, notes = index(archive)
+        with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+            assert [m.path for m in found] == zf.namelist(), name
+            assert notes == []
+            for m in found[:50]:
+                assert trio.run(read_member, archive, m) == zf.read(m.path)
+                info = zf.getinfo(m.path)
+                assert (m.size, m.crc) == (info.file_size, info.CRC)
+    # The part with many members has Zip64 end records; non-ASCII names are decoded.
+    assert len(index(backup.files["Attachments_002.zip"])[0]) == 70_000
+    assert any(not m.path.isascii() for m in index(backup.files["Attachments_001.zip"])[0])
+
+
+def test_cp437_names_and_extended_timestamps() -> None:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        info = zipfile.ZipInfo("Bj\u00f6rn.txt", (2026, 11, 21, 3, 15, 0))
+        # The extended timestamp field: flags 1, then the modification time.
+        info.extra = struct.pack("<HHBi", 0x5455, 5, 1, 1_800_000_000)
+        zf.writestr(info, b"hello")
+    archive = bytearray(out.getvalue())
+    cd = archive.rfind(b"PK\x01\x02")
+    flags = struct.unpack_from("<H", archive, cd + 8)[0]
+    struct.pack_into("<H", archive, cd + 8, flags & ~0x800)  # no UTF-8 flag: cp437
+    [m], _ = index(bytes(archive))
+    with zipfile.ZipFile(io.BytesIO(bytes(archive))) as zf:
+        assert m.path == zf.namelist()[0] == "Bj\u251c\u2562rn.txt"
+    assert m.mtime == 1_800_000_000
+
+
+def zip64_by_hand(name: bytes, data: bytes) -> bytes:
+    """One stored member whose central entry keeps its sizes and offset in a Zip64 extra
+    field (as an archive over 4 GiB does), behind Zip64 end records."""
+    crc = zlib.crc32(data)
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, 0, 0, 0, 0x21, crc, len(data),
+                        len(data), len(name), 0) + name + data
+    extra = struct.pack("<HHQQQ", 0x0001, 24, len(data), len(data), 0)
+    entry = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, 0, 0, 0x21, crc,
+                        0xFFFFFFFF, 0xFFFFFFFF, len(name), len(extra), 0, 0, 0, 0,
+                        0xFFFFFFFF) + name + extra
+    cd_offset = len(local)
+    end64 = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, 1, 1, len(entry),
+                        cd_offset)
+    locator = struct.pack("<IIQI", 0x07064B50, 0, cd_offset + len(entry), 1)
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF,
+                      0xFFFFFFFF, 0)
+    return local + entry + end64 + locator + end
+
+
+def test_zip64_extra_fields() -> None:
+    archive = zip64_by_hand(b"Attachments/big.bin", b"x" * 1000)
+    [m], _ = index(archive)
+    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+        assert zf.read("Attachments/big.bin") == trio.run(read_member, archive, m)
+    assert (m.size, m.compressed_size, m.header_offset) == (1000, 1000, 0)
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+def test_unsafe_and_colliding_names_are_made_safe() -> None:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for name in ("../../etc/passwd", "/abs/path.txt", "a\\b.txt", "dup.txt", "dup.txt",
+                     "x", "x/inner.txt", "tab\there.txt"):
+            zf.writestr(name, name.encode())
+    found, notes = index(out.getvalue())
+    paths = [m.path for m in found]
+    assert paths == ["__/__/etc/passwd", "abs/path.txt", "a/b.txt", "dup.txt",
+                     "dup (2).txt", "x (2)", "x/inner.txt", "tab_here.txt"]
+    assert len(notes) == 6
+    assert all(".." not in p.split("/") and not p.startswith("/") for p in paths)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400), st.integers(0, 400))
+def test_hostile_archives_give_bad_archive_only(junk: bytes, cut: int) -> None:
+    good = zip64_by_hand(b"a.txt", b"hello")
+    for archive in (junk, good[:cut] + junk, junk + good[cut:], good[cut:]):
+        try:
+            found, _ = index(archive)
+        except BadArchive:
+            continue
+        for m in found:
+            assert 0 <= m.header_offset < len(archive)
+            assert m.header_offset + m.compressed_size <= len(archive)
+
+
+def test_a_backward_seek_inflates_from_the_nearest_checkpoint() -> None:
+    rng = random.Random(3)
+    text = b"".join(f"{rng.random()},{rng.choice(['renewal', 'quote'])}\r\n".encode()
+                    for _ in range(800_000))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("Data/Leads_001.csv", text)
+    archive = out.getvalue()
+    [m], _ = index(archive)
+    cache = ChunkCache(256 * MiB)
+    assert trio.run(read_member, archive, m, None, cache) == text
+
+    async def seeks() -> None:
+        source = Source(archive)
+        reader = member_reader(m.path, m, data_offset(archive[m.header_offset:][:30], m),
+                               len(archive), ChunkCache(4 * CHUNK), ("u", m.path))
+        assert isinstance(reader, DeflatedReader)
+        await reader.read(source, len(text) - 10, 10)  # to the end once: checkpoints made
+        for _ in range(30):
+            offset = rng.randrange(len(text) - 5000)
+            before = reader.inflated
+            got = b"".join(bytes(p) for p in await reader.read(source, offset, 5000))
+            assert got == text[offset:offset + 5000]
+            assert reader.inflated - before <= CHECKPOINT_EVERY + 2 * CHUNK
+
+    trio.run(seeks)
+
+
+def test_a_flipped_byte_is_an_error_never_data() -> None:
+    backup = generate(seed=6, size=2 * MiB, rows=2000)
+    for name, member in (("Data_001.zip", "Data/Leads_001.csv"),
+                         ("Attachments_001.zip", None)):
+        archive = backup.files[name]
+        found, _ = index(archive)
+        m = next(m for m in found if m.path == (member or found[0].path))
+        damaged = corrupt_member(archive, m.path)
+        with pytest.raises(BadArchive, match="damaged"):
+            trio.run(read_member, damaged, m)

@@ -1,0 +1,281 @@
+"""A zip archive's table of contents, from its central directory alone.
+
+No I/O here: :func:`locate` says which tail bytes to read, :func:`central_directory` where
+the directory is once those are in hand, :func:`members` parses it. Zip64 end records and
+extra fields, the extended-timestamp field and Info-ZIP's Unicode path field are read;
+everything an archive says is checked before it is used (a hostile archive gives
+:class:`BadArchive`, never an exception of another kind). Names are made safe to show as
+paths: nothing leaves the archive's directory, nothing collides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+import re
+import struct
+import zlib
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+from zohofs.errors import BadArchive
+
+# The end record (22 bytes) may be followed by a comment of up to 64 KiB.
+END_SEARCH = 22 + 0xFFFF
+_END = struct.Struct("<IHHHHIIH")
+_END_SIG = 0x06054B50
+_LOCATOR = struct.Struct("<IIQI")
+_LOCATOR_SIG = 0x07064B50
+_END64 = struct.Struct("<IQHHIIQQQQ")
+_END64_SIG = 0x06064B50
+_ENTRY = struct.Struct("<IHHHHHHIIIHHHHHII")
+_ENTRY_SIG = 0x02014B50
+LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
+_LOCAL_SIG = 0x04034B50
+
+STORED, DEFLATED = 0, 8
+_ENCRYPTED = 0x1
+_UTF8 = 0x800
+# Beyond this many entries an archive is refused: its index alone would be the memory.
+MAX_MEMBERS = 1_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Directory:
+    """Where the central directory is, and how many entries it says it has."""
+
+    offset: int
+    size: int
+    entries: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    path: str  # safe: relative, no "..", unique in its archive
+    method: int
+    compressed_size: int
+    size: int
+    crc: int
+    header_offset: int  # of its local header
+    mtime: float  # seconds since the epoch
+    encrypted: bool
+
+    @property
+    def readable(self) -> bool:
+        return not self.encrypted and self.method in (STORED, DEFLATED)
+
+
+def locate(tail: bytes, tail_offset: int, archive_size: int) -> Directory | int:
+    """The central directory, from the last bytes of the archive (``tail`` starts at
+    ``tail_offset``); or, for Zip64, the offset of the Zip64 end record still to read
+    (then call :func:`locate_zip64` with bytes read from there)."""
+    at = tail.rfind(_END_SIG.to_bytes(4, "little"))
+    while at >= 0:
+        # A comment may hold the signature too: the real record's comment ends the file.
+        if at + 22 <= len(tail):
+            fields = _END.unpack_from(tail, at)
+            if at + 22 + fields[7] == len(tail) and tail_offset + len(tail) == archive_size:
+                break
+        at = tail.rfind(_END_SIG.to_bytes(4, "little"), 0, at)
+    else:
+        raise BadArchive("no end of central directory record: not a zip archive, or cut "
+                         "short")
+    _, disk, cd_disk, _, entries, size, offset, _ = fields
+    if disk != 0 or cd_disk != 0:
+        raise BadArchive("a multi-disk archive (each part of a Zoho backup is a whole zip)")
+    if entries == 0xFFFF or 0xFFFFFFFF in (size, offset):
+        locator = at - _LOCATOR.size
+        if locator < 0 or _LOCATOR.unpack_from(tail, locator)[0] != _LOCATOR_SIG:
+            raise BadArchive("Zip64 sizes without a Zip64 end locator")
+        end64: int = _LOCATOR.unpack_from(tail, locator)[2]
+        if not 0 <= end64 <= archive_size - _END64.size:
+            raise BadArchive("the Zip64 end record is outside the archive")
+        return end64
+    return _checked(Directory(offset, size, entries), tail_offset + at)
+
+
+def locate_zip64(record: bytes, record_offset: int) -> Directory:
+    """The central directory, from the Zip64 end record's bytes (at ``record_offset``)."""
+    if len(record) < _END64.size or _END64.unpack_from(record)[0] != _END64_SIG:
+        raise BadArchive("no Zip64 end of central directory record where its locator points")
+    _, _, _, _, disk, cd_disk, _, entries, size, offset = _END64.unpack_from(record)
+    if disk != 0 or cd_disk != 0:
+        raise BadArchive("a multi-disk archive (each part of a Zoho backup is a whole zip)")
+    return _checked(Directory(offset, size, entries), record_offset)
+
+
+def _checked(directory: Directory, end: int) -> Directory:
+    if directory.offset + directory.size > end or directory.entries > MAX_MEMBERS:
+        raise BadArchive(f"the end record describes an impossible central directory "
+                         f"({directory.entries} entries, {directory.size} bytes at "
+                         f"{directory.offset})")
+    if directory.size < directory.entries * _ENTRY.size:
+        raise BadArchive("the central directory is too small for its entries")
+    return directory
+
+
+def members(data: bytes, directory: Directory, archive_size: int) -> tuple[list[Member],
+                                                                          list[str]]:
+    """The members the central directory ``data`` lists, and a line for each name that
+    had to be changed to be safe."""
+    found: list[Member] = []
+    taken: set[str] = set()
+    dirs: set[str] = set()
+    notes: list[str] = []
+    at = 0
+    for _ in range(directory.entries):
+        if at + _ENTRY.size > len(data):
+            raise BadArchive("the central directory ends inside an entry")
+        (sig, made_by, _, flags, method, dos_time, dos_date, crc, csize, usize, name_len,
+         extra_len, comment_len, disk, _, _, offset) = _ENTRY.unpack_from(data, at)
+        if sig != _ENTRY_SIG:
+            raise BadArchive(f"bad central directory entry at byte {directory.offset + at}")
+        del made_by, disk
+        raw = data[at + _ENTRY.size:at + _ENTRY.size + name_len]
+        extra = data[at + _ENTRY.size + name_len:at + _ENTRY.size + name_len + extra_len]
+        at += _ENTRY.size + name_len + extra_len + comment_len
+        if at > len(data):
+            raise BadArchive("the central directory ends inside an entry")
+        usize, csize, offset, mtime, unicode_name = _extra_fields(
+            extra, usize, csize, offset, raw)
+        if offset + LOCAL_HEADER.size > directory.offset or offset + csize > archive_size:
+            raise BadArchive(f"an entry points outside the archive ({_show(raw)})")
+        name = unicode_name or (raw.decode("utf-8", "replace") if flags & _UTF8
+                                else raw.decode("cp437"))
+        if mtime is None:
+            mtime = _dos_time(dos_date, dos_time)
+        path, is_dir = _safe_path(name)
+        if path is None:
+            notes.append(f"skipping an entry with no usable name ({_show(raw)})")
+            continue
+        unique = _unique(path, taken, dirs if not is_dir else set())
+        if unique != path or path != name.rstrip("/"):
+            notes.append(f"entry {name!r} shown as {unique!r}")
+        if is_dir:
+            dirs.add(unique)
+            continue
+        taken.add(unique)
+        found.append(Member(unique, method, csize, usize, crc, offset, mtime,
+                            bool(flags & _ENCRYPTED)))
+    # A file and a directory of the same name: the directory (which holds files) wins.
+    parents = {posixpath.dirname(m.path) for m in found}
+    all_dirs = {p for d in parents | dirs for p in _ancestors(d)}
+    for i, m in enumerate(found):
+        if m.path in all_dirs:
+            renamed = _unique(m.path, taken, all_dirs)
+            taken.add(renamed)
+            notes.append(f"entry {m.path!r} shown as {renamed!r} (a directory has its name)")
+            found[i] = dataclasses.replace(m, path=renamed)
+    return found, notes
+
+
+def _ancestors(path: str) -> list[str]:
+    out = []
+    while path:
+        out.append(path)
+        path = posixpath.dirname(path)
+    return out
+
+
+def _extra_fields(extra: bytes, usize: int, csize: int, offset: int, raw_name: bytes,
+                  ) -> tuple[int, int, int, float | None, str | None]:
+    mtime: float | None = None
+    unicode_name: str | None = None
+    at = 0
+    while at + 4 <= len(extra):
+        kind, length = struct.unpack_from("<HH", extra, at)
+        body = extra[at + 4:at + 4 + length]
+        at += 4 + length
+        if len(body) < length:
+            break  # a cut-short field: ignore what is left, as zip tools do
+        if kind == 0x0001:  # Zip64: the 8-byte values of the fields saturated above
+            values = iter(struct.unpack_from(f"<{len(body) // 8}Q", body))
+            try:
+                if usize == 0xFFFFFFFF:
+                    usize = next(values)
+                if csize == 0xFFFFFFFF:
+                    csize = next(values)
+                if offset == 0xFFFFFFFF:
+                    offset = next(values)
+            except StopIteration:
+                raise BadArchive(f"a Zip64 field too short ({_show(raw_name)})") from None
+        elif kind == 0x5455 and length >= 5 and body[0] & 1:  # extended timestamp
+            mtime = float(struct.unpack_from("<i", body, 1)[0])
+        elif (kind == 0x7075 and length >= 5 and body[0] == 1  # Info-ZIP Unicode path
+              and struct.unpack_from("<I", body, 1)[0] == zlib.crc32(raw_name)):
+            unicode_name = body[5:].decode("utf-8", "replace")
+    return usize, csize, offset, mtime, unicode_name
+
+
+def _dos_time(date: int, time: int) -> float:
+    try:
+        return datetime(1980 + (date >> 9), (date >> 5) & 0xF, date & 0x1F, time >> 11,
+                        (time >> 5) & 0x3F, min(59, (time & 0x1F) * 2)).timestamp()
+    except ValueError:  # a zero or impossible date: the epoch of the format
+        return datetime(1980, 1, 1).timestamp()
+
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _safe_path(name: str) -> tuple[str | None, bool]:
+    """A relative path of safe components (None if nothing is left), and whether the entry
+    is a directory."""
+    is_dir = name.endswith(("/", "\\"))
+    parts = []
+    for part in re.split(r"[/\\]+", name):
+        part = _UNSAFE.sub("_", part)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            parts.append("__")  # kept visible, but going nowhere
+            continue
+        parts.append(part[:255])
+    return ("/".join(parts) or None), is_dir
+
+
+def _unique(path: str, taken: set[str], also: set[str]) -> str:
+    if path not in taken and path not in also:
+        return path
+    stem, dot, ext = path.rpartition(".")
+    if not dot or "/" in ext:
+        stem, dot, ext = path, "", ""
+    n = 2
+    while True:
+        candidate = f"{stem} ({n}){dot}{ext}"
+        if candidate not in taken and candidate not in also:
+            return candidate
+        n += 1
+
+
+def _show(raw: bytes) -> str:
+    return repr(raw[:80].decode("utf-8", "replace"))
+
+
+def data_offset(header: bytes, member: Member) -> int:
+    """Where a member's bytes start, from its local header (at ``member.header_offset``)."""
+    if len(header) < LOCAL_HEADER.size or LOCAL_HEADER.unpack_from(header)[0] != _LOCAL_SIG:
+        raise BadArchive(f"{member.path}: no local header where the central directory "
+                         "points")
+    name_length: int = LOCAL_HEADER.unpack_from(header)[9]
+    extra_length: int = LOCAL_HEADER.unpack_from(header)[10]
+    return member.header_offset + LOCAL_HEADER.size + name_length + extra_length
+
+
+async def read_index(read: Callable[[int, int], Awaitable[bytes]], size: int,
+                     ) -> tuple[list[Member], list[str]]:
+    """The members of an archive of ``size`` bytes whose bytes ``read(offset, length)``
+    gives: the tail, the Zip64 end record if there is one (usually in the tail already),
+    then the central directory (partly in the tail already for small archives)."""
+    start = max(0, size - END_SEARCH)
+    tail = await read(start, size - start)
+    found = locate(tail, start, size)
+    if isinstance(found, int):
+        record = (tail[found - start:found - start + _END64.size] if found >= start
+                  else await read(found, _END64.size))
+        found = locate_zip64(record, found)
+    if found.offset >= start:
+        data = tail[found.offset - start:found.offset - start + found.size]
+    else:
+        data = await read(found.offset, found.size)
+    return members(data, found, size)
