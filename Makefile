@@ -26,7 +26,7 @@ $(TEST_STAMP): $(RUN_STAMP)
 	touch $@
 
 demo: $(RUN_STAMP)
-	$(VENV)/bin/zohofs demo $(MOUNTPOINT)
+	$(VENV)/bin/zohofs demo $(DEMO_ARGS) $(MOUNTPOINT)
 
 lint: deps
 	$(PY) -m ruff check zohofs tests bench

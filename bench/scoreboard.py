@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import random
 import resource
@@ -42,6 +43,7 @@ PORT, CAPPED_PORT = 18443, 18444
 CAP = 20_000_000  # bytes per second per connection in the capped runs
 LATENCY = 0.03
 MEMBER = "Data/Leads_001.csv"
+BIG_CSV = "Data/Notes_001.csv"  # ~10 MB, deflated: scenario h
 READERS = 8
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -186,11 +188,15 @@ class Bench:
         self.csv = b"".join(b"%d,Lead %d,%s,%s\n" % (i, i, rng.randbytes(8).hex().encode(),
                                                       b"open" if i % 3 else b"won")
                             for i in range(60000))
+        self.big_csv = b"".join(b"%d,Note %d,%s,%s\n" % (i, i, rng.randbytes(12).hex().encode(),
+                                                          rng.choice([b"call", b"demo", b"quote"]))
+                                for i in range(220000))
         with zipfile.ZipFile(folder / "Data_001.zip", "w") as z:
             half = max(1, (self.size - 2 * MiB) // (32 * MiB) // 2)
             for i in range(2 * half):
                 if i == half:  # the small member sits in the middle of the part
                     z.writestr(MEMBER, self.csv, compress_type=zipfile.ZIP_DEFLATED)
+                    z.writestr(BIG_CSV, self.big_csv, compress_type=zipfile.ZIP_DEFLATED)
                 z.writestr(f"Attachments/{i:04}.bin", os.urandom(16 * MiB))
                 z.writestr(f"Attachments/{i:04}b.bin", os.urandom(16 * MiB))
             self.compressed = z.getinfo(MEMBER).compress_size
@@ -356,6 +362,39 @@ http {{
                     self.add(what, tool, gets=float(gets), mb=sent / 1e6, seconds=wall)
         print(f"(the member is {self.compressed / 1e6:.2f} MB compressed)")
 
+    def expand(self) -> None:
+        """(h): one 10 MB CSV out of the 1 GiB part through --expand, against what a user
+        does without it (curl the part, then unzip -p); random reads inside it."""
+        part = self.work / "part.zip"
+        self.log.mark()
+        download, _ = timed(["curl", "-sf", "--cacert", str(self.ca_file), "-o", str(part),
+                             self.url("Data_001.zip")])
+        extract, _ = timed(["unzip", "-p", str(part), BIG_CSV])
+        gets, sent = self.log.since()
+        part.unlink()
+        scenario = f"h one {len(self.big_csv) / 1e6:.0f} MB CSV"
+        self.add(scenario, "curl + unzip -p", seconds=download + extract, mb=sent / 1e6,
+                 gets=float(gets))
+        link = [self.url("Data_001.zip")]
+        csv = self.zpath("Data_001") / BIG_CSV
+        with self.zohofs(link, "--expand") as proc:
+            os.stat(self.zpath("Data_001.zip"))
+            self.log.mark()
+            wall, _ = timed(["cat", str(csv)])
+            gets, sent = self.log.since()
+            self.add(scenario, "zohofs --expand", seconds=wall, mb=sent / 1e6,
+                     gets=float(gets), peak_rss_mib=proc.peak_rss_mib())
+        with self.zohofs(link, "--expand"):  # cold again: no inflated chunk cached
+            root = self.work / "mnt-zohofs"
+            os.stat(csv)
+            before = json.loads(os.getxattr(root, "user.zohofs.status"))["bytes_inflated"]
+            offsets = random.Random(4).sample(range(len(self.big_csv) - 128 * 1024), 30)
+            latencies = sorted(random_reads(csv, offsets, buffered=False))
+            after = json.loads(os.getxattr(root, "user.zohofs.status"))["bytes_inflated"]
+            self.add("h random pread in the CSV", "zohofs --expand",
+                     median_ms=statistics.median(latencies) * 1e3, p90_ms=latencies[26] * 1e3,
+                     mb_inflated_per_read=(after - before) / 30 / 1e6)
+
     def readers(self) -> None:
         """(e): eight sequential readers at once, one part each."""
         names = [f"Attachments_{i:03}.zip" for i in range(1, READERS + 1)]
@@ -458,7 +497,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the big part")
     parser.add_argument("--quick", action="store_true", help="smaller capped runs")
-    parser.add_argument("--only", default="", help="comma-separated scenarios: a,b,c,d,e,f")
+    parser.add_argument("--only", default="", help="comma-separated scenarios: a,b,c,d,e,f,h")
     parser.add_argument("--report", type=Path, default=Path("docs/benchmarks.md"))
     args = parser.parse_args()
     need(("nginx", "nginx"), ("rclone", "rclone"), ("curl", "curl"), ("unzip", "unzip"))
@@ -467,7 +506,7 @@ def main() -> int:
     bench = Bench(work, args.size_mib, args.quick)
     steps: dict[str, Callable[[], None]] = {
         "a": bench.cold_copy, "b": bench.capped, "c": bench.random, "d": bench.unzip,
-        "e": bench.readers, "f": bench.warm}
+        "e": bench.readers, "f": bench.warm, "h": bench.expand}
     only = [s for s in args.only.split(",") if s] or list(steps)
     try:
         bench.make_files()

@@ -34,6 +34,10 @@ def rich() -> Backup:
     files["Attachments_009.zip"] = zip64_by_hand(b"Attachments/4876876000000000001_big.bin",
                                                  random.Random(1).randbytes(300_000))
     files["Data_002.zip"] = corrupt_member(files["Data_001.zip"], "Data/Leads_001.csv")
+    bzip2 = io.BytesIO()
+    with zipfile.ZipFile(bzip2, "w", zipfile.ZIP_BZIP2) as zf:
+        zf.writestr("Data/Calls_001.csv", b"Record Id\r\n" * 1000)
+    files["Data_003.zip"] = bzip2.getvalue()
     return Backup(backup.zgid, backup.job_id, files)
 
 
@@ -57,6 +61,7 @@ def mount_expanded(mount_process: MountFactory, served: Emulator, tmp_path: Path
                       *common_args(served), "--expand", *extra)
     m.expect_log(r"Data_002/Data/Leads_001\.csv: (CRC-32 mismatch|cannot inflate)")
     m.expect_log(r"the file changed on the server")
+    m.expect_log(r"Data_003/Data/Calls_001\.csv: compression method 12 is not one")
     return m.path / ZGID / JOB_ID
 
 
@@ -70,7 +75,7 @@ def test_every_member_reads_as_zipfile_reads_it(expanded: Path, rich: Backup,
     names = sorted(os.listdir(expanded))
     assert names == sorted([*rich.files, *(n[:-4] for n in rich.files)])
     for name, archive in rich.files.items():
-        if name == "Data_002.zip":
+        if name in ("Data_002.zip", "Data_003.zip"):  # damaged; bzip2
             continue
         subprocess.run(["cp", "-r", str(expanded / name[:-4]), str(tmp_path / name)],
                        check=True)
@@ -137,6 +142,19 @@ def test_a_damaged_member_is_an_error_not_data(expanded: Path) -> None:
     # The rest of the archive reads on.
     assert (expanded / "Data_002" / "Metadata" / "Fields_001.csv").read_bytes().startswith(
         b"\xef\xbb\xbfRecord Id")
+
+
+def test_a_member_zohofs_cannot_inflate_is_listed_and_gives_eio(
+        mount_process: MountFactory, served: Emulator, tmp_path: Path) -> None:
+    expanded = mount_expanded(mount_process, served, tmp_path)
+    calls = expanded / "Data_003" / "Data" / "Calls_001.csv"
+    assert calls.stat().st_size == len(b"Record Id\r\n" * 1000)
+    for _ in range(3):
+        with pytest.raises(OSError) as info:
+            calls.read_bytes()
+        assert info.value.errno == errno.EIO
+    log = (tmp_path / "mnt-0.log").read_text()
+    assert log.count("compression method 12 is not one zohofs can inflate") == 1
 
 
 def test_head_of_a_csv_in_a_1_gib_part(mount_process: MountFactory, tmp_path: Path) -> None:

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="mount a generated backup served by the emulator")
     d.add_argument("mountpoint", nargs="?", default="./zoho-demo")
     _add_backup_options(d, part_size="16M")  # small parts, so the demo shows several
+    d.add_argument("--expand", action="store_true",
+                   help="also show each zip's files in a folder next to it")
     d.add_argument("-d", "--debug", action="store_true", help="log every request")
     return parser
 
@@ -637,6 +639,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # endpoint, backup URLs API, then ranged downloads.
         cfg = Config(
             mountpoint=mountpoint, ca_file=emulator.ca_path, debug=args.debug,
+            expand=args.expand,
             trust_hosts=frozenset({f"{emulator.host}:{emulator.port}"}),
             accounts=(config.Account("demo", "us", emulator.base_url, emulator.base_url,
                                      Credentials(account.client_id,
@@ -644,7 +647,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                                         account.refresh_token)),))
 
         async def show_tree() -> None:
-            await trio.to_thread.run_sync(_print_tree, mountpoint)
+            await trio.to_thread.run_sync(_print_tree, mountpoint, args.expand)
 
         with emulator:
             print(f"emulator: {emulator.base_url} (Zoho's accounts, API and download hosts; "
@@ -653,7 +656,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_tree(root: str) -> None:
+def _print_tree(root: str, expand: bool) -> None:
     # Runs in a worker thread: the thread serving the mount must never touch it.
     print(f"\n{root}")
     for dirpath, dirnames, filenames in sorted(os.walk(root)):
@@ -661,11 +664,16 @@ def _print_tree(root: str) -> None:
         depth = os.path.relpath(dirpath, root).count(os.sep) + (dirpath != root)
         if dirpath != root:
             print("    " * (depth - 1) + os.path.basename(dirpath) + "/")
+        inside = [d for d in dirnames if d + ".zip" in filenames]  # --expand's folders
+        dirnames[:] = [d for d in dirnames if d not in inside]
+        for name in inside:
+            print("    " * depth + f"{name}/  (what {name}.zip holds)")
         for name in sorted(filenames):
             st = os.stat(os.path.join(dirpath, name))
             when = datetime.fromtimestamp(st.st_mtime).strftime("%Y-%m-%d %H:%M")
             print("    " * depth + f"{name}  {st.st_size / MiB:.1f} MiB  {when}")
-    print(f"\nTry: ls -l {root}/*/*  or  unzip -l {root}/*/*/Data_001.zip")
+    print(f"\nTry: ls -l {root}/*/*  or  unzip -l {root}/*/*/Data_001.zip"
+          + (f"  or  head {root}/*/*/Data_001/Data/Leads_001.csv" if expand else ""))
     print("Press Ctrl-C to unmount and stop.", flush=True)
 
 
