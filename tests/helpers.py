@@ -6,9 +6,11 @@ import hashlib
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -147,3 +149,29 @@ class Mount:
             self.proc.wait()
         subprocess.run(["fusermount3", "-uz", str(self.path)], capture_output=True, check=False)
         self._log.close()
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The most memory the process ``pid`` has held so far."""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def zip64_by_hand(name: bytes, data: bytes) -> bytes:
+    """One stored member whose central entry keeps its sizes and offset in a Zip64 extra
+    field (as an archive over 4 GiB does), behind Zip64 end records."""
+    crc = zlib.crc32(data)
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, 0, 0, 0, 0x21, crc, len(data),
+                        len(data), len(name), 0) + name + data
+    extra = struct.pack("<HHQQQ", 0x0001, 24, len(data), len(data), 0)
+    entry = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, 0, 0, 0x21, crc,
+                        0xFFFFFFFF, 0xFFFFFFFF, len(name), len(extra), 0, 0, 0, 0,
+                        0xFFFFFFFF) + name + extra
+    cd_offset = len(local)
+    end64 = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, 1, 1, len(entry),
+                        cd_offset)
+    locator = struct.pack("<IIQI", 0x07064B50, 0, cd_offset + len(entry), 1)
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF,
+                      0xFFFFFFFF, 0)
+    return local + entry + end64 + locator + end

@@ -120,3 +120,15 @@ def test_configuration_mistakes_name_the_key_and_the_source(tmp_path: Path) -> N
     assert latin1.returncode == 2 and "is not UTF-8 text" in latin1.stderr
     for result in (bad, flag, latin1):
         assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    # The unit names the installed path; here the same unit runs this checkout's zohofs.
+    unit = (Path(__file__).parents[1] / "systemd" / "zohofs.service").read_text()
+    zohofs_bin = Path(sys.executable).parent / "zohofs"
+    assert "/usr/local/bin/zohofs" in unit and zohofs_bin.exists()
+    (tmp_path / "zohofs.service").write_text(unit.replace("/usr/local/bin/zohofs",
+                                                          str(zohofs_bin)))
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "zohofs.service")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -4,6 +4,7 @@ from the original, at the cost of a few ranged GETs."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import mmap
@@ -17,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MiB, MountFactory, common_args
-from tests.helpers import data_gets, fetched, sha256
-from tests.test_zipindex import zip64_by_hand
+from tests.helpers import data_gets, fetched, file_sha256, peak_rss_mib, sha256, zip64_by_hand
 from zohofs.emulator.backup import Backup, corrupt_member, generate
 from zohofs.emulator.server import Emulator
 
+CACHE_MIB = 64
 ZGID = "757345985"
 JOB_ID = "4876876000001594004"
 
@@ -175,14 +176,20 @@ def test_head_of_a_csv_in_a_1_gib_part(mount_process: MountFactory, tmp_path: Pa
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         link = emu.add_file(ZGID, JOB_ID, "Data_001.zip", data)
         m = mount_process("--link", link, "--access-token-file", token(tmp_path),
-                          *common_args(emu), "-o", "expand")
-        head = subprocess.run(["head", "-n", "3", str(m.path / ZGID / JOB_ID / "Data_001" /
-                                                      "Data" / "Leads_001.csv")],
+                          *common_args(emu), "-o", "expand", "--cache-size", str(CACHE_MIB))
+        inside = m.path / ZGID / JOB_ID / "Data_001" / "Data"
+        head = subprocess.run(["head", "-n", "3", str(inside / "Leads_001.csv")],
                               capture_output=True, check=True, timeout=60).stdout
         assert head == b"".join(csv.splitlines(keepends=True)[:3])
         ranges = data_gets(emu)
         assert fetched(ranges) <= 4 * MiB, ranges
         assert len(ranges) <= 8, ranges  # the tail, then a short sequential run
+        # The whole 1 GiB Zip64 member, CRC-32 checked at its end, in bounded memory.
+        expected = hashlib.sha256()
+        for _ in range(1023):
+            expected.update(block)
+        assert file_sha256(inside / "Notes_001.csv") == expected.hexdigest()
+        assert peak_rss_mib(m.proc.pid) < CACHE_MIB + 100
         m.stop()
         data.close()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MiB, MountFactory
-from tests.helpers import Mount, file_sha256, sha256, wait_for
+from tests.helpers import Mount, file_sha256, peak_rss_mib, sha256, wait_for
 from zohofs.emulator.backup import Backup
 from zohofs.emulator.server import Emulator, Fault
 from zohofs.fs import FAILED_PROBE_TTL
@@ -130,12 +130,6 @@ def opens(path: Path) -> bool:
     except OSError:
         return False
     return True
-
-
-def peak_rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        line = next(line for line in f if line.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
 
 
 @pytest.mark.parametrize("mode", [[], ["--page-cache"]], ids=["direct-io", "page-cache"])

@@ -7,13 +7,13 @@ import io
 import random
 import struct
 import zipfile
-import zlib
 
 import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import zip64_by_hand
 from zohofs.cache import ChunkCache
 from zohofs.emulator.backup import corrupt_member, generate
 from zohofs.errors import BadArchive
@@ -87,25 +87,6 @@ def test_cp437_names_and_extended_timestamps() -> None:
     with zipfile.ZipFile(io.BytesIO(bytes(archive))) as zf:
         assert m.path == zf.namelist()[0] == "Bj\u251c\u2562rn.txt"
     assert m.mtime == 1_800_000_000
-
-
-def zip64_by_hand(name: bytes, data: bytes) -> bytes:
-    """One stored member whose central entry keeps its sizes and offset in a Zip64 extra
-    field (as an archive over 4 GiB does), behind Zip64 end records."""
-    crc = zlib.crc32(data)
-    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, 0, 0, 0, 0x21, crc, len(data),
-                        len(data), len(name), 0) + name + data
-    extra = struct.pack("<HHQQQ", 0x0001, 24, len(data), len(data), 0)
-    entry = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, 0, 0, 0x21, crc,
-                        0xFFFFFFFF, 0xFFFFFFFF, len(name), len(extra), 0, 0, 0, 0,
-                        0xFFFFFFFF) + name + extra
-    cd_offset = len(local)
-    end64 = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, 1, 1, len(entry),
-                        cd_offset)
-    locator = struct.pack("<IIQI", 0x07064B50, 0, cd_offset + len(entry), 1)
-    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF,
-                      0xFFFFFFFF, 0)
-    return local + entry + end64 + locator + end
 
 
 def test_zip64_extra_fields() -> None:

@@ -108,7 +108,7 @@ class ArchiveView:
     failed_at: float = -1.0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
     ino: int
     name: str
@@ -125,13 +125,15 @@ class Node:
     stale: bool = False
     error: ZohofsError | None = None
     failed_at: float = -1.0  # when ``error`` was last raised by a probe
-    probe_lock: trio.Lock = field(default_factory=trio.Lock)
+    # Locks are made on first use: an expanded archive can add 100 000 nodes that never
+    # need one (a lock is ~340 bytes).
+    probe_lock: trio.Lock | None = None
     # The version whose pages the kernel may hold (page-cache mode): a new version's first
     # open must make the kernel drop them.
     kernel_version: Hashable | None = None
     # Only for servers that ignore Range: the whole-file answer being read, and its lock.
     stream: WholeFileStream | None = None
-    stream_lock: trio.Lock = field(default_factory=trio.Lock)
+    stream_lock: trio.Lock | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -317,6 +319,7 @@ class ZohoFS:
 
     async def _probe(self, node: Node) -> RemoteInfo:
         assert node.file is not None
+        node.probe_lock = node.probe_lock or trio.Lock()
         async with node.probe_lock:  # one probe per file, however many callers ask
             if node.info is not None and not node.stale:
                 return node.info
@@ -822,6 +825,7 @@ class ZohoFS:
         it, keeping every chunk passed on the way. Correct bytes, at the price of starting
         over from byte 0 when a reader goes back past what the cache still holds."""
         node = handle.node
+        node.stream_lock = node.stream_lock or trio.Lock()
         async with node.stream_lock:
             for attempt in range(2):
                 cached = self._cache.peek(self._key(handle, index))

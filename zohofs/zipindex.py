@@ -36,8 +36,10 @@ _LOCAL_SIG = 0x04034B50
 STORED, DEFLATED = 0, 8
 _ENCRYPTED = 0x1
 _UTF8 = 0x800
-# Beyond this many entries an archive is refused: its index alone would be the memory.
-MAX_MEMBERS = 1_000_000
+# Beyond these an archive's index is refused: it alone would be the mount's memory (Zoho's
+# 1 GB parts have directories of a few MiB).
+MAX_MEMBERS = 500_000
+MAX_DIRECTORY = 64 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +107,14 @@ def locate_zip64(record: bytes, record_offset: int) -> Directory:
 
 
 def _checked(directory: Directory, end: int) -> Directory:
-    if directory.offset + directory.size > end or directory.entries > MAX_MEMBERS:
+    if directory.offset + directory.size > end:
         raise BadArchive(f"the end record describes an impossible central directory "
                          f"({directory.entries} entries, {directory.size} bytes at "
                          f"{directory.offset})")
+    if directory.entries > MAX_MEMBERS or directory.size > MAX_DIRECTORY:
+        raise BadArchive(f"a central directory of {directory.entries} entries and "
+                         f"{directory.size} bytes is more than zohofs lists "
+                         f"({MAX_MEMBERS} entries, {MAX_DIRECTORY >> 20} MiB)")
     if directory.size < directory.entries * _ENTRY.size:
         raise BadArchive("the central directory is too small for its entries")
     return directory
