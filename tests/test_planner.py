@@ -179,3 +179,12 @@ def test_a_buffer_is_used_again_only_when_nothing_refers_to_it() -> None:
     assert fresh is not still_read.obj  # a view of it is alive: not handed out again
     cache.put("d", memoryview(fresh).toreadonly())  # evicts "b": nothing refers to it
     assert id(pool.take()) == second_id
+
+
+def test_nothing_is_fetched_ahead_past_a_limit() -> None:
+    pattern = ReadPattern(PrefetchBudget(256 * MiB), 1 << 30, max_ahead=32 * MiB,
+                          max_request=8 * MiB)
+    pattern.limit(5 * MiB + 100)  # a member ending there, in a 1 GiB archive
+    plans = [p for offset in range(0, 5 * MiB, 256 * 1024)
+             for p in pattern.advise(offset, 256 * 1024)]
+    assert plans and max(start + length for start, length in plans) == 5 * MiB + 100

@@ -559,7 +559,7 @@ class ZohoFS:
             *folders, name = m.path.split("/")
             for folder in folders:
                 parent = self._child(parent, folder, None)
-                parent.view = root.view
+                parent.member, parent.view = None, root.view  # maybe a file before
             leaf = self._child(parent, name, None)
             leaf.member, leaf.view = m, root.view
         for parent_ino, name, ino in before:
@@ -586,6 +586,7 @@ class ZohoFS:
                 if reader.failed is not None:
                     log.warning("%s", reader.failed)
                 self._member_readers[key] = reader
+            archive.pattern.limit(reader.data_offset + member.compressed_size)
         except BaseException:
             self.release(archive_fh)
             raise

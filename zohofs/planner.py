@@ -139,6 +139,11 @@ class ReadPattern:
             start += length
         return plans
 
+    def limit(self, end: int) -> None:
+        """Fetch nothing ahead past ``end``: the reader will read no further (a member of
+        an archive, read through a handle of the whole archive)."""
+        self._size = min(self._size, end)
+
     def issued(self, start: int, length: int) -> None:
         """The caller made (or found already made) the request ``advise`` proposed."""
         self._issued = max(self._issued, start + length)
