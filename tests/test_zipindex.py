@@ -102,13 +102,15 @@ def test_unsafe_and_colliding_names_are_made_safe() -> None:
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as zf:
         for name in ("../../etc/passwd", "/abs/path.txt", "a\\b.txt", "dup.txt", "dup.txt",
-                     "x", "x/inner.txt", "tab\there.txt"):
+                     "x", "x/inner.txt", "tab\there.txt", "\u00e9" * 200 + ".csv",
+                     "d/" * 100 + "deep.txt"):
             zf.writestr(name, name.encode())
     found, notes = index(out.getvalue())
     paths = [m.path for m in found]
     assert paths == ["__/__/etc/passwd", "abs/path.txt", "a/b.txt", "dup.txt",
-                     "dup (2).txt", "x (2)", "x/inner.txt", "tab_here.txt"]
-    assert len(notes) == 6
+                     "dup (2).txt", "x (2)", "x/inner.txt", "tab_here.txt", "\u00e9" * 120]
+    assert len(notes) == 8
+    assert all(len(part.encode()) <= 255 for p in paths for part in p.split("/"))
     assert all(".." not in p.split("/") and not p.startswith("/") for p in paths)
 
 

@@ -222,6 +222,7 @@ def _dos_time(date: int, time: int) -> float:
 
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+MAX_DEPTH = 64  # folders in a member's path; a deeper one is skipped
 
 
 def _safe_path(name: str) -> tuple[str | None, bool]:
@@ -236,7 +237,10 @@ def _safe_path(name: str) -> tuple[str | None, bool]:
         if part == "..":
             parts.append("__")  # kept visible, but going nowhere
             continue
-        parts.append(part[:255])
+        # A name is at most 255 bytes (room left for _unique's " (2)").
+        parts.append(part.encode()[:240].decode("utf-8", "ignore"))
+    if len(parts) > MAX_DEPTH:
+        return None, is_dir
     return ("/".join(parts) or None), is_dir
 
 
