@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -77,7 +78,10 @@ def mount_process(tmp_path: Path) -> Iterator[MountFactory]:
 
     def start(*args: str, name: str = "mnt", env: dict[str, str] | None = None) -> Mount:
         path = tmp_path / name
-        path.mkdir(exist_ok=True)
+        # Not mkdir(exist_ok=True): its check stats the path, which fails with ENOTCONN
+        # on a dead mount left there on purpose (the kernel may not have its attributes).
+        with contextlib.suppress(FileExistsError):
+            path.mkdir()
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         m = Mount(path, list(args), full_env, tmp_path / f"{name}-{len(mounts)}.log")
         mounts.append(m)

@@ -11,6 +11,7 @@ import mmap
 import os
 import random
 import subprocess
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +40,13 @@ def rich() -> Backup:
     with zipfile.ZipFile(bzip2, "w", zipfile.ZIP_BZIP2) as zf:
         zf.writestr("Data/Calls_001.csv", b"Record Id\r\n" * 1000)
     files["Data_003.zip"] = bzip2.getvalue()
+    modes = io.BytesIO()
+    with zipfile.ZipFile(modes, "w") as zf:
+        for name, mode in (("Attachments/run.sh", 0o750), ("Attachments/private.txt", 0o600)):
+            info = zipfile.ZipInfo(name, (2025, 2, 3, 4, 5, 6))
+            info.external_attr = mode << 16
+            zf.writestr(info, name.encode())
+    files["Attachments_010.zip"] = modes.getvalue()
     return Backup(backup.zgid, backup.job_id, files)
 
 
@@ -63,6 +71,7 @@ def mount_expanded(mount_process: MountFactory, served: Emulator, tmp_path: Path
     m.expect_log(r"Data_002/Data/Leads_001\.csv: (CRC-32 mismatch|cannot inflate)")
     m.expect_log(r"the file changed on the server")
     m.expect_log(r"Data_003/Data/Calls_001\.csv: compression method 12 is not one")
+    m.expect_log(r"Data_004\.zip: .*not a zip archive")
     return m.path / ZGID / JOB_ID
 
 
@@ -85,6 +94,9 @@ def test_every_member_reads_as_zipfile_reads_it(expanded: Path, rich: Backup,
                 copy = tmp_path / name / info.filename
                 assert sha256(copy.read_bytes()) == sha256(zf.read(info)), info.filename
                 assert copy.stat().st_size == info.file_size
+                attrs = (expanded / name[:-4] / info.filename).stat()
+                assert attrs.st_mode & 0o777 == (info.external_attr >> 16 & 0o555 or 0o444)
+                assert attrs.st_mtime == time.mktime((*info.date_time, 0, 0, -1))
             shown = sorted(str(p.relative_to(tmp_path / name))
                            for p in (tmp_path / name).rglob("*") if p.is_file())
             assert shown == sorted(zf.namelist())
@@ -145,6 +157,23 @@ def test_a_damaged_member_is_an_error_not_data(expanded: Path) -> None:
         b"\xef\xbb\xbfRecord Id")
 
 
+def test_a_part_that_is_not_a_zip_gives_eio_and_the_mount_serves_on(
+        mount_process: MountFactory, served: Emulator, tmp_path: Path, rich: Backup) -> None:
+    page = b"<html><body>Service temporarily unavailable</body></html>\n" * 40
+    served.add_file(ZGID, JOB_ID, "Data_004.zip", page)
+    expanded = mount_expanded(mount_process, served, tmp_path)
+    for _ in range(2):
+        with pytest.raises(OSError) as info:
+            os.listdir(expanded / "Data_004")
+        assert info.value.errno == errno.EIO
+    assert (expanded / "Data_004.zip").read_bytes() == page  # the file itself is served
+    log = (tmp_path / "mnt-0.log").read_text()
+    assert "Data_004.zip: no end of central directory record: not a zip archive" in log
+    with zipfile.ZipFile(io.BytesIO(rich.files["Data_001.zip"])) as zf:
+        assert (expanded / "Data_001" / "Metadata" / "Fields_001.csv").read_bytes() == (
+            zf.read("Metadata/Fields_001.csv"))
+
+
 def test_a_member_zohofs_cannot_inflate_is_listed_and_gives_eio(
         mount_process: MountFactory, served: Emulator, tmp_path: Path) -> None:
     expanded = mount_expanded(mount_process, served, tmp_path)
@@ -179,6 +208,8 @@ def test_head_of_a_csv_in_a_1_gib_part(mount_process: MountFactory, tmp_path: Pa
         m = mount_process("--link", link, "--access-token-file", token(tmp_path),
                           *common_args(emu), "-o", "expand", "--cache-size", str(CACHE_MIB))
         inside = m.path / ZGID / JOB_ID / "Data_001" / "Data"
+        assert sorted(os.listdir(inside)) == ["Leads_001.csv", "Notes_001.csv"]
+        assert len(data_gets(emu)) == 1  # the tail of the zip held its whole directory
         head = subprocess.run(["head", "-n", "3", str(inside / "Leads_001.csv")],
                               capture_output=True, check=True, timeout=60).stdout
         assert head == b"".join(csv.splitlines(keepends=True)[:3])

@@ -89,6 +89,14 @@ def test_cp437_names_and_extended_timestamps() -> None:
     assert m.mtime == 1_800_000_000
 
 
+def test_a_member_claiming_an_impossible_size_is_skipped() -> None:
+    archive = bytearray(zip64_by_hand(b"Attachments/big.bin", b"x" * 1000))
+    extra = archive.index(struct.pack("<HHQ", 0x0001, 24, 1000))
+    struct.pack_into("<Q", archive, extra + 4, (1 << 64) - 1)  # the uncompressed size
+    found, notes = index(bytes(archive))
+    assert found == [] and "claims" in notes[0]
+
+
 def test_zip64_extra_fields() -> None:
     archive = zip64_by_hand(b"Attachments/big.bin", b"x" * 1000)
     [m], _ = index(archive)

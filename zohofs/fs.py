@@ -36,6 +36,7 @@ from zohofs.cache import Abandoned, ChunkCache
 from zohofs.errors import (
     AccessDenied,
     BadAnswer,
+    BadArchive,
     LinkExpired,
     NoSuchEntry,
     ReadOnly,
@@ -379,7 +380,7 @@ class ZohoFS:
             mode, nlink, size = stat.S_IFDIR | 0o555, 2 + sum(
                 self._nodes[c].is_dir for c in node.children.values()), 0
         elif node.member is not None:
-            mode, nlink, size = stat.S_IFREG | 0o444, 1, node.member.size
+            mode, nlink, size = stat.S_IFREG | node.member.mode, 1, node.member.size
         else:
             mode, nlink, size = stat.S_IFREG | 0o444, 1, node.info.size if node.info else 0
         return Attr(node.ino, mode, nlink, size, int(self._mtime(node) * 1e9), self._uid,
@@ -531,7 +532,10 @@ class ZohoFS:
                     return b"".join(await self._read(handle, offset, length))
 
                 with self._deadline(archive.file.path, "reading its table of contents"):
-                    found, notes = await zipindex.read_index(read, info.size)
+                    try:
+                        found, notes = await zipindex.read_index(read, info.size)
+                    except BadArchive as exc:
+                        raise BadArchive(f"{archive.file.path}: {exc}") from None
             except ZohofsError as exc:
                 view.error, view.failed_at = exc, trio.current_time()
                 raise

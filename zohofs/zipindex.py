@@ -36,10 +36,12 @@ _LOCAL_SIG = 0x04034B50
 STORED, DEFLATED = 0, 8
 _ENCRYPTED = 0x1
 _UTF8 = 0x800
+_UNIX = 3  # "version made by" high byte
 # Beyond these an archive's index is refused: it alone would be the mount's memory (Zoho's
 # 1 GB parts have directories of a few MiB).
 MAX_MEMBERS = 500_000
 MAX_DIRECTORY = 64 << 20
+MAX_MEMBER_SIZE = 1 << 50  # a claim beyond this (a PiB) is a lie, and no st_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Member:
     header_offset: int  # of its local header
     mtime: float  # seconds since the epoch
     encrypted: bool
+    mode: int = 0o444  # permission bits shown: the zip's read and execute bits
 
     @property
     def readable(self) -> bool:
@@ -133,10 +136,9 @@ def members(data: bytes, directory: Directory, archive_size: int) -> tuple[list[
         if at + _ENTRY.size > len(data):
             raise BadArchive("the central directory ends inside an entry")
         (sig, made_by, _, flags, method, dos_time, dos_date, crc, csize, usize, name_len,
-         extra_len, comment_len, disk, _, _, offset) = _ENTRY.unpack_from(data, at)
+         extra_len, comment_len, _, _, external, offset) = _ENTRY.unpack_from(data, at)
         if sig != _ENTRY_SIG:
             raise BadArchive(f"bad central directory entry at byte {directory.offset + at}")
-        del made_by, disk
         raw = data[at + _ENTRY.size:at + _ENTRY.size + name_len]
         extra = data[at + _ENTRY.size + name_len:at + _ENTRY.size + name_len + extra_len]
         at += _ENTRY.size + name_len + extra_len + comment_len
@@ -154,6 +156,9 @@ def members(data: bytes, directory: Directory, archive_size: int) -> tuple[list[
         if path is None:
             notes.append(f"skipping an entry with no usable name ({_show(raw)})")
             continue
+        if usize > MAX_MEMBER_SIZE:
+            notes.append(f"skipping {name!r}: it claims {usize} bytes")
+            continue
         unique = _unique(path, taken, dirs if not is_dir else set())
         if unique != path or path != name.rstrip("/"):
             notes.append(f"entry {name!r} shown as {unique!r}")
@@ -162,7 +167,7 @@ def members(data: bytes, directory: Directory, archive_size: int) -> tuple[list[
             continue
         taken.add(unique)
         found.append(Member(unique, method, csize, usize, crc, offset, mtime,
-                            bool(flags & _ENCRYPTED)))
+                            bool(flags & _ENCRYPTED), _mode(made_by, external)))
     # A file and a directory of the same name: the directory (which holds files) wins.
     parents = {posixpath.dirname(m.path) for m in found}
     all_dirs = {p for d in parents | dirs for p in _ancestors(d)}
@@ -211,6 +216,16 @@ def _extra_fields(extra: bytes, usize: int, csize: int, offset: int, raw_name: b
               and struct.unpack_from("<I", body, 1)[0] == zlib.crc32(raw_name)):
             unicode_name = body[5:].decode("utf-8", "replace")
     return usize, csize, offset, mtime, unicode_name
+
+
+def _mode(made_by: int, external: int) -> int:
+    """The zip's Unix permission bits (when a Unix tool made it), read and execute only:
+    the mount is read-only. Anything else, or a mode that no one could read, is 0444."""
+    if made_by >> 8 == _UNIX:
+        mode = (external >> 16) & 0o555
+        if mode & 0o444:
+            return mode
+    return 0o444
 
 
 def _dos_time(date: int, time: int) -> float:
