@@ -11,6 +11,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import is_mounted, wait_for
 
 
@@ -35,19 +37,26 @@ def test_emulator_prints_its_url_first_and_serves(tmp_path: Path) -> None:
         assert proc.wait(20) == 0
 
 
-def test_demo_shows_the_tree_and_unmounts_on_ctrl_c(tmp_path: Path) -> None:
+@pytest.mark.parametrize("expand", [False, True], ids=["plain", "expand"])
+def test_demo_shows_the_tree_and_unmounts_on_ctrl_c(tmp_path: Path, expand: bool) -> None:
     mnt = tmp_path / "zoho-demo"
     log = tmp_path / "demo.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "zohofs", "demo", str(mnt),
-                                 "--size", "6M", "--part-size", "2M"],
+                                 "--size", "6M", "--part-size", "2M",
+                                 *(["--expand"] if expand else [])],
                                 stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             wait_for(lambda: "Press Ctrl-C" in log.read_text(), 60, "the demo's tree")
             text = log.read_text()
             assert "757345985/" in text and "Attachments_003.zip" in text
-            assert "Data_001.zip" in os.listdir(mnt / "757345985" / "4876876000001594004")
+            job = mnt / "757345985" / "4876876000001594004"
+            assert "Data_001.zip" in os.listdir(job)
+            # With --expand the folders are listed, not walked into.
+            assert ("Data_001/  (what Data_001.zip holds)" in text) == expand
+            assert "    Leads_001.csv" not in text
+            assert (job / "Data_001" / "Data" / "Leads_001.csv").exists() == expand
         finally:
             proc.send_signal(signal.SIGINT)
             code = proc.wait(20)

@@ -659,7 +659,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _print_tree(root: str, expand: bool) -> None:
     # Runs in a worker thread: the thread serving the mount must never touch it.
     print(f"\n{root}")
-    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+    for dirpath, dirnames, filenames in os.walk(root):  # top-down: pruned below
         dirnames.sort()
         depth = os.path.relpath(dirpath, root).count(os.sep) + (dirpath != root)
         if dirpath != root:
