@@ -12,7 +12,8 @@ Exception tree (each class carries its errno and the log level it deserves)::
     │   └── SignInUnavailable        EIO     Zoho Accounts unreachable or failing (5xx)
     ├── DiscoveryError               EIO     the backup URLs API failed or answered nonsense
     ├── BadArchive                   EIO     (--expand) a zip whose directory cannot be read,
-    │                                        a member that fails its CRC or cannot be inflated
+    │   │                                    a member that fails its CRC or cannot be inflated
+    │   └── UnreadableMember         EIO     encrypted, or a method other than stored/deflate
     └── RemoteError                  EIO     anything the download host did wrong
         ├── AccessDenied             EACCES  401 / 403
         │   └── LinkExpired          EACCES  the link is past its expiry date
@@ -85,6 +86,12 @@ class DiscoveryError(ZohofsError):
 class BadArchive(ZohofsError):
     """Inside a zip (``--expand``): what the archive says cannot be true, a member's bytes
     fail their CRC-32, or its compression method is not one zohofs can inflate."""
+
+
+class UnreadableMember(BadArchive):
+    """A member zohofs cannot decode: said once when it is first opened, then quietly."""
+
+    log_level = logging.DEBUG
 
 
 class RemoteError(ZohofsError):

@@ -15,7 +15,6 @@ over from the member's first byte.
 
 from __future__ import annotations
 
-import logging
 import zlib
 from collections.abc import Hashable
 from typing import Protocol
@@ -23,7 +22,7 @@ from typing import Protocol
 import trio
 
 from zohofs.cache import ChunkCache
-from zohofs.errors import BadArchive
+from zohofs.errors import BadArchive, UnreadableMember
 from zohofs.planner import CHUNK, MiB, chunk_range
 from zohofs.zipindex import DEFLATED, STORED, Member
 
@@ -62,12 +61,6 @@ class MemberReader:
         return self.failed
 
 
-class Unreadable(BadArchive):
-    """A member zohofs cannot decode: said once when it is first opened, then quietly."""
-
-    log_level = logging.DEBUG
-
-
 def member_reader(name: str, member: Member, data_offset: int, archive_size: int,
                   cache: ChunkCache, key: Hashable) -> MemberReader:
     """The reader for ``member``, whose data starts at ``data_offset`` of the archive."""
@@ -80,7 +73,7 @@ def member_reader(name: str, member: Member, data_offset: int, archive_size: int
     if member.method == DEFLATED and not member.encrypted:
         return DeflatedReader(name, member, data_offset, cache, key)
     reader = MemberReader(name, member, data_offset)
-    reader.failed = Unreadable(
+    reader.failed = UnreadableMember(
         f"{name}: encrypted, zohofs cannot read it" if member.encrypted else
         f"{name}: compression method {member.method} is not one zohofs can inflate (only "
         "stored and deflated); read it from the zip with an archive tool")
