@@ -202,7 +202,7 @@ async def test_a_failed_probe_is_retried_on_access(emulator: Emulator, url: str)
     fault = emulator.add_fault("status", status=503, count=None)
     await fs.probe_all()
     node = fs.files[0]
-    assert fs.readdir(node.parent, 0)[0][0] == NAME  # still listed
+    assert next(fs.readdir(node.parent, 0))[0] == NAME  # still listed
     with pytest.raises(ServerError):
         await fs.getattr(node.ino)
     emulator.faults.remove(fault)

@@ -6,6 +6,7 @@ translates to and from pyfuse3's types.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import json
@@ -118,6 +119,8 @@ class Node:
     member: Member | None = None  # a file inside an archive (--expand)
     view: ArchiveView | None = None  # on X/ and on each folder and member in it
     children: dict[str, int] = field(default_factory=dict)
+    # The children sorted by inode, for readdir; None since they last changed.
+    listing: list[tuple[int, str]] | None = None
     info: RemoteInfo | None = None
     # ``info`` is the last good probe. Once it is in doubt (the file changed, a read
     # found the server inconsistent) the next stat or open probes again, but until then
@@ -268,6 +271,7 @@ class ZohoFS:
                 self._detach(view)  # the archive left: so does the view into it
         if parent.children.get(node.name) == node.ino:
             del parent.children[node.name]
+            parent.listing = None
             if self.on_removed is not None:
                 self.on_removed(parent.ino, node.name)
             if not parent.children and parent.ino != ROOT_INODE:
@@ -284,6 +288,7 @@ class ZohoFS:
             self._nodes[node.ino] = node
             self._by_path[path] = node
         parent.children[name] = node.ino
+        parent.listing = None
         return node
 
     def _path(self, parent: Node, name: str) -> str:
@@ -406,14 +411,20 @@ class ZohoFS:
             raise NoSuchEntry(f"{name!r} not found")
         return await self.getattr(ino)
 
-    def readdir(self, ino: int, start: int) -> list[tuple[str, Attr, int]]:
+    def readdir(self, ino: int, start: int) -> Iterator[tuple[str, Attr, int]]:
         """Entries after offset ``start``, in inode order; an entry's offset is its inode.
 
         Listings change under an open directory (a new backup, an old one leaving): keyed
-        by inode, that never makes a reader skip or repeat an entry."""
+        by inode, that never makes a reader skip or repeat an entry. The kernel asks for a
+        page of entries at a time: the sorted listing is kept, and attributes are made
+        only for the entries taken (an expanded archive can hold 100 000)."""
         node = self.directory(ino)
-        entries = sorted((child, name) for name, child in node.children.items() if child > start)
-        return [(name, self.attr(self._nodes[child]), child) for child, name in entries]
+        if node.listing is None:
+            node.listing = sorted((child, name) for name, child in node.children.items())
+        listing = node.listing
+        for i in range(bisect.bisect_right(listing, (start, "\U0010ffff")), len(listing)):
+            child, name = listing[i]
+            yield name, self.attr(self._nodes[child]), child
 
     def directory(self, ino: int) -> Node:
         node = self._node(ino)
@@ -557,7 +568,7 @@ class ZohoFS:
             for name, ino in directory.children.items():
                 before.append((directory.ino, name, ino))
                 stack.append(self._nodes[ino])
-            directory.children = {}
+            directory.children, directory.listing = {}, None
         for m in members:
             parent = root
             *folders, name = m.path.split("/")
