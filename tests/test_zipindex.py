@@ -89,6 +89,20 @@ def test_cp437_names_and_extended_timestamps() -> None:
     assert m.mtime == 1_800_000_000
 
 
+@pytest.mark.parametrize(("comment", "after"), [
+    (b"a comment", b""), (b"a comment", b"\0" * 100),  # as zipfile takes them
+    (b"a comment holding PK\x05\x06 the signature", b""),  # where zipfile gives up
+])
+def test_comments_and_bytes_after_the_end_record(comment: bytes, after: bytes) -> None:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        zf.writestr("a.txt", b"a")
+        zf.comment = comment
+    archive = out.getvalue() + after
+    [m], _ = index(archive)
+    assert m.path == "a.txt" and trio.run(read_member, archive, m) == b"a"
+
+
 def test_a_member_claiming_an_impossible_size_is_skipped() -> None:
     archive = bytearray(zip64_by_hand(b"Attachments/big.bin", b"x" * 1000))
     extra = archive.index(struct.pack("<HHQ", 0x0001, 24, 1000))

@@ -65,26 +65,24 @@ class Member:
     encrypted: bool
     mode: int = 0o444  # permission bits shown: the zip's read and execute bits
 
-    @property
-    def readable(self) -> bool:
-        return not self.encrypted and self.method in (STORED, DEFLATED)
-
 
 def locate(tail: bytes, tail_offset: int, archive_size: int) -> Directory | int:
     """The central directory, from the last bytes of the archive (``tail`` starts at
     ``tail_offset``); or, for Zip64, the offset of the Zip64 end record still to read
     (then call :func:`locate_zip64` with bytes read from there)."""
-    at = tail.rfind(_END_SIG.to_bytes(4, "little"))
-    while at >= 0:
-        # A comment may hold the signature too: the real record's comment ends the file.
-        if at + 22 <= len(tail):
-            fields = _END.unpack_from(tail, at)
-            if at + 22 + fields[7] == len(tail) and tail_offset + len(tail) == archive_size:
-                break
-        at = tail.rfind(_END_SIG.to_bytes(4, "little"), 0, at)
-    else:
+    if tail_offset + len(tail) != archive_size:
+        raise BadArchive("the archive's tail was cut short")
+    # A comment may hold the signature too: the real record is the one whose comment ends
+    # the file; failing that (bytes appended after the comment, which zip tools accept),
+    # the last record with room for itself.
+    signature = _END_SIG.to_bytes(4, "little")
+    found = [at for at in _occurrences(tail, signature) if at + 22 <= len(tail)]
+    exact = [at for at in found if at + 22 + _END.unpack_from(tail, at)[7] == len(tail)]
+    if not found:
         raise BadArchive("no end of central directory record: not a zip archive, or cut "
                          "short")
+    at = (exact or found)[-1]
+    fields = _END.unpack_from(tail, at)
     _, disk, cd_disk, _, entries, size, offset, _ = fields
     if disk != 0 or cd_disk != 0:
         raise BadArchive("a multi-disk archive (each part of a Zoho backup is a whole zip)")
@@ -97,6 +95,14 @@ def locate(tail: bytes, tail_offset: int, archive_size: int) -> Directory | int:
             raise BadArchive("the Zip64 end record is outside the archive")
         return end64
     return _checked(Directory(offset, size, entries), tail_offset + at)
+
+
+def _occurrences(data: bytes, needle: bytes) -> list[int]:
+    found, at = [], data.find(needle)
+    while at >= 0:
+        found.append(at)
+        at = data.find(needle, at + 1)
+    return found
 
 
 def locate_zip64(record: bytes, record_offset: int) -> Directory:
