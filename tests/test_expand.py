@@ -19,7 +19,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MiB, MountFactory, common_args
-from tests.helpers import data_gets, fetched, file_sha256, peak_rss_mib, sha256, zip64_by_hand
+from tests.helpers import (
+    Mount,
+    data_gets,
+    fetched,
+    file_sha256,
+    peak_rss_mib,
+    sha256,
+    zip64_by_hand,
+)
 from zohofs.emulator.backup import Backup, corrupt_member, generate
 from zohofs.emulator.server import Emulator
 
@@ -64,7 +72,7 @@ def token(tmp_path: Path) -> str:
 
 
 def mount_expanded(mount_process: MountFactory, served: Emulator, tmp_path: Path,
-                   *extra: str) -> Path:
+                   *extra: str) -> Mount:
     links = [a for p in sorted(served.files) for a in ("--link", served.base_url + p)]
     m = mount_process(*links, "--access-token-file", token(tmp_path),
                       *common_args(served), "--expand", *extra)
@@ -72,12 +80,12 @@ def mount_expanded(mount_process: MountFactory, served: Emulator, tmp_path: Path
     m.expect_log(r"the file changed on the server")
     m.expect_log(r"Data_003/Data/Calls_001\.csv: compression method 12 is not one")
     m.expect_log(r"Data_004\.zip: .*not a zip archive")
-    return m.path / ZGID / JOB_ID
+    return m
 
 
 @pytest.fixture
 def expanded(mount_process: MountFactory, served: Emulator, tmp_path: Path) -> Path:
-    return mount_expanded(mount_process, served, tmp_path)
+    return mount_expanded(mount_process, served, tmp_path).path / ZGID / JOB_ID
 
 
 def test_every_member_reads_as_zipfile_reads_it(expanded: Path, rich: Backup,
@@ -161,13 +169,14 @@ def test_a_part_that_is_not_a_zip_gives_eio_and_the_mount_serves_on(
         mount_process: MountFactory, served: Emulator, tmp_path: Path, rich: Backup) -> None:
     page = b"<html><body>Service temporarily unavailable</body></html>\n" * 40
     served.add_file(ZGID, JOB_ID, "Data_004.zip", page)
-    expanded = mount_expanded(mount_process, served, tmp_path)
+    m = mount_expanded(mount_process, served, tmp_path)
+    expanded = m.path / ZGID / JOB_ID
     for _ in range(2):
         with pytest.raises(OSError) as info:
             os.listdir(expanded / "Data_004")
         assert info.value.errno == errno.EIO
     assert (expanded / "Data_004.zip").read_bytes() == page  # the file itself is served
-    log = (tmp_path / "mnt-0.log").read_text()
+    log = m.log
     assert "Data_004.zip: no end of central directory record: not a zip archive" in log
     with zipfile.ZipFile(io.BytesIO(rich.files["Data_001.zip"])) as zf:
         assert (expanded / "Data_001" / "Metadata" / "Fields_001.csv").read_bytes() == (
@@ -176,14 +185,15 @@ def test_a_part_that_is_not_a_zip_gives_eio_and_the_mount_serves_on(
 
 def test_a_member_zohofs_cannot_inflate_is_listed_and_gives_eio(
         mount_process: MountFactory, served: Emulator, tmp_path: Path) -> None:
-    expanded = mount_expanded(mount_process, served, tmp_path)
+    m = mount_expanded(mount_process, served, tmp_path)
+    expanded = m.path / ZGID / JOB_ID
     calls = expanded / "Data_003" / "Data" / "Calls_001.csv"
     assert calls.stat().st_size == len(b"Record Id\r\n" * 1000)
     for _ in range(3):
         with pytest.raises(OSError) as info:
             calls.read_bytes()
         assert info.value.errno == errno.EIO
-    log = (tmp_path / "mnt-0.log").read_text()
+    log = m.log
     assert log.count("compression method 12 is not one zohofs can inflate") == 1
 
 
@@ -233,7 +243,8 @@ def test_head_of_a_csv_in_a_1_gib_part(mount_process: MountFactory, tmp_path: Pa
 def test_an_archive_replaced_on_the_server_is_stale_then_relisted(
         mount_process: MountFactory, served: Emulator, tmp_path: Path) -> None:
     # Nothing fetched ahead: the rest of the member is still on the server at the change.
-    expanded = mount_expanded(mount_process, served, tmp_path, "--readahead", "0")
+    m = mount_expanded(mount_process, served, tmp_path, "--readahead", "0")
+    expanded = m.path / ZGID / JOB_ID
     csv = expanded / "Data_001" / "Data" / "Leads_001.csv"
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w") as zf:

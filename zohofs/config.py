@@ -236,31 +236,31 @@ def _url(value: Any) -> str:
     return url
 
 
-def _ranged(parse: Callable[[Any], Any], low: float, high: float = math.inf,
-              unit: str = "") -> Callable[[Any], Any]:
-    """``parse`` then a range check, so a bad value is reported with its key and source."""
+def _ranged(parse: Callable[[Any], Any], low: float, high: float = math.inf, *,
+            above: bool = False, unit: str = "") -> Callable[[Any], Any]:
+    """``parse`` then a range check (``above``: more than ``low``, not equal to it), so a
+    bad value is reported with its key and source."""
+    def shown(n: float) -> str:
+        return f"{n / MiB:g} MiB" if unit == "MiB" else f"{n:g}"
+
     def check(value: Any) -> Any:
         parsed = parse(value)
-        if not low <= parsed <= high:
-            def shown(n: float) -> str:
-                return f"{n / MiB:g} MiB" if unit == "MiB" else f"{n:g}"
+        if parsed < low or parsed > high or (above and parsed == low):
             bound = (f"between {shown(low)} and {shown(high)}" if high != math.inf
-                     else "more than 0" if low == _POSITIVE else f"at least {shown(low)}")
+                     else f"more than {shown(low)}" if above else f"at least {shown(low)}")
             raise ValueError(f"must be {bound}, not {shown(parsed)}")
         return parsed
     return check
 
 
-_POSITIVE = 1e-9  # "more than zero" for seconds
-
 SETTINGS: dict[str, Callable[[Any], Any]] = {
     "dc": _dc, "accounts_url": _url, "api_url": _url, "api_version": _ranged(_integer, 1),
-    "listing_interval": _ranged(_number, _POSITIVE),
+    "listing_interval": _ranged(_number, 0, above=True),
     "lookup_refresh_interval": _ranged(_number, 0),
     "cache_size": _ranged(lambda v: parse_size(v, MiB), 2 * MIN_BLOCK_SIZE, unit="MiB"),
     "block_size": _ranged(parse_size, MIN_BLOCK_SIZE, MAX_BLOCK_SIZE, unit="MiB"),
     "readahead": _ranged(_integer, 0), "connections": _ranged(_integer, 1),
-    "timeout": _ranged(_number, _POSITIVE), "read_timeout": _ranged(_number, _POSITIVE),
+    "timeout": _ranged(_number, 0, above=True), "read_timeout": _ranged(_number, 0, above=True),
     "retries": _ranged(_integer, 1), "retry_delay": _ranged(_number, 0),
     "page_cache": _boolean, "expand": _boolean,
     "ca_file": _string, "trust_hosts": _strings, "fuse_options": _strings, "links": _strings,

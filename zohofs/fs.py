@@ -47,7 +47,7 @@ from zohofs.errors import (
     ZohofsError,
 )
 from zohofs.logs import redact_url
-from zohofs.planner import CHUNK, PrefetchBudget, ReadPattern, chunk_range
+from zohofs.planner import CHUNK, PrefetchBudget, ReadPattern, chunk_range, slice_chunks
 from zohofs.remote import RangeReader, RemoteInfo, WholeFileStream
 from zohofs.stats import FileActivity
 from zohofs.zipindex import Member
@@ -166,7 +166,7 @@ class OpenMember:
 
     node: Node
     reader: MemberReader
-    archive: OpenFile
+    source: _ArchiveBytes  # the archive's bytes, through a handle of its own
     archive_fh: int
     activity: FileActivity
 
@@ -536,27 +536,35 @@ class ZohoFS:
                 return
             if view.error is not None and trio.current_time() - view.failed_at < FAILED_PROBE_TTL:
                 raise view.error
-            assert archive.file is not None
-            fh, handle = await self._open_file(archive)
             try:
-                async def read(offset: int, length: int) -> bytes:
-                    return b"".join(await self._read(handle, offset, length))
-
-                with self._deadline(archive.file.path, "reading its table of contents"):
-                    try:
-                        found, notes = await zipindex.read_index(read, info.size)
-                    except BadArchive as exc:
-                        raise BadArchive(f"{archive.file.path}: {exc}") from None
+                found = await self._read_index(archive)
             except ZohofsError as exc:
                 view.error, view.failed_at = exc, trio.current_time()
                 raise
-            finally:
-                self.release(fh)
-            for note in notes:
-                log.warning("%s: %s", archive.file.path, note)
             self._fill(node, found)
             view.version, view.error = version, None
-            log.debug("%s: %d members", archive.file.path, len(found))
+
+    async def _read_index(self, archive: Node) -> list[Member]:
+        """The members of ``archive``, from its central directory, within the read
+        deadline; the names it had to change are logged."""
+        assert archive.file is not None
+        path = archive.file.path
+        fh, handle = await self._open_file(archive)
+
+        async def read(offset: int, length: int) -> bytes:
+            return b"".join(await self._read(handle, offset, length))
+
+        try:
+            with self._deadline(path, "reading its table of contents"):
+                found, notes = await zipindex.read_index(read, handle.info.size)
+        except BadArchive as exc:
+            raise BadArchive(f"{path}: {exc}") from None
+        finally:
+            self.release(fh)
+        for note in notes:
+            log.warning("%s: %s", path, note)
+        log.debug("%s: %d members", path, len(found))
+        return found
 
     def _fill(self, root: Node, members: list[Member]) -> None:
         """Make ``root`` show exactly ``members``; nodes of paths seen before keep their
@@ -592,7 +600,7 @@ class ZohoFS:
         try:
             key = (archive.node.ino, archive.version, member.path)
             reader = self._member_readers.get(key)
-            if reader is None or reader.member != member:
+            if reader is None:
                 with self._deadline(name, "reading its local header"):
                     header = b"".join(await self._read(
                         archive, member.header_offset, zipindex.LOCAL_HEADER.size))
@@ -606,8 +614,8 @@ class ZohoFS:
             self.release(archive_fh)
             raise
         fh = self._new_fh()
-        self._members[fh] = OpenMember(node, reader, archive, archive_fh,
-                                       FileActivity(name, member.size))
+        self._members[fh] = OpenMember(node, reader, _ArchiveBytes(self, archive),
+                                       archive_fh, FileActivity(name, member.size))
         return fh, archive.version
 
     def release(self, fh: int) -> None:
@@ -632,7 +640,7 @@ class ZohoFS:
         if member is not None:
             reader, inflated = member.reader, member.reader.inflated
             with self._deadline(reader.name, "reading %d bytes at %d", size, offset):
-                pieces = await reader.read(_ArchiveBytes(self, member.archive), offset, size)
+                pieces = await reader.read(member.source, offset, size)
             self.stats.bytes_inflated += reader.inflated - inflated
             member.activity.read(offset, sum(len(p) for p in pieces))
             return pieces
@@ -688,11 +696,7 @@ class ZohoFS:
                         self._drop(handle, [self._key(handle, i) for i in rest], Abandoned())
                     raise
             pieces = [await self._chunk(handle, i) for i in wanted]
-        first = offset - wanted.start * CHUNK
-        if len(pieces) == 1:
-            return [pieces[0][first:first + end - offset]]
-        last = end - (wanted.stop - 1) * CHUNK
-        return [pieces[0][first:], *pieces[1:-1], pieces[-1][:last]]
+        return slice_chunks(pieces, wanted.start, offset, end)
 
     def _key(self, handle: OpenFile, index: int) -> Hashable:
         # The version is part of the key: bytes of two versions of a file never mix.

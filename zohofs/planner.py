@@ -39,6 +39,17 @@ def chunk_range(start: int, end: int) -> range:
     return range(start // CHUNK, -(-end // CHUNK))
 
 
+def slice_chunks(pieces: list[memoryview], first_chunk: int, offset: int,
+                 end: int) -> list[memoryview]:
+    """Bytes ``[offset, end)`` as views of ``pieces``, the consecutive chunks from index
+    ``first_chunk`` that hold them (no copy)."""
+    first = offset - first_chunk * CHUNK
+    if len(pieces) == 1:
+        return [pieces[0][first:first + end - offset]]
+    last = end - (first_chunk + len(pieces) - 1) * CHUNK
+    return [pieces[0][first:], *pieces[1:-1], pieces[-1][:last]]
+
+
 class PrefetchBudget:
     """Bytes fetched ahead of readers and not yet read, for the whole mount.
 

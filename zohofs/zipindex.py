@@ -1,7 +1,8 @@
 """A zip archive's table of contents, from its central directory alone.
 
-No I/O here: :func:`locate` says which tail bytes to read, :func:`central_directory` where
-the directory is once those are in hand, :func:`members` parses it. Zip64 end records and
+:func:`read_index` does the reading through a callable it is given; the rest is parsing:
+:func:`locate` finds the directory from the archive's tail (:func:`locate_zip64` from a
+Zip64 end record), :func:`members` parses the directory. Zip64 end records and
 extra fields, the extended-timestamp field and Info-ZIP's Unicode path field are read;
 everything an archive says is checked before it is used (a hostile archive gives
 :class:`BadArchive`, never an exception of another kind). Names are made safe to show as

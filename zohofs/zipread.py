@@ -23,7 +23,7 @@ import trio
 
 from zohofs.cache import ChunkCache
 from zohofs.errors import BadArchive, UnreadableMember
-from zohofs.planner import CHUNK, MiB, chunk_range
+from zohofs.planner import CHUNK, MiB, chunk_range, slice_chunks
 from zohofs.zipindex import DEFLATED, STORED, Member
 
 CHECKPOINT_EVERY = 4 * MiB  # a multiple of CHUNK
@@ -150,11 +150,7 @@ class DeflatedReader(MemberReader):
             return []
         wanted = chunk_range(offset, end)
         pieces = [await self._chunk(source, i) for i in wanted]
-        first = offset - wanted.start * CHUNK
-        if len(pieces) == 1:
-            return [pieces[0][first:first + end - offset]]
-        last = end - (wanted.stop - 1) * CHUNK
-        return [pieces[0][first:], *pieces[1:-1], pieces[-1][:last]]
+        return slice_chunks(pieces, wanted.start, offset, end)
 
     async def _chunk(self, source: ArchiveSource, index: int) -> memoryview:
         key = (self._key, index)

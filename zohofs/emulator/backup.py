@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import random
+import struct
 import zipfile
 from dataclasses import dataclass
 
@@ -148,10 +149,9 @@ def corrupt_member(archive: bytes, name: str) -> bytes:
     headers and CRC-32 say what it held before."""
     with zipfile.ZipFile(io.BytesIO(archive)) as zf:
         info = zf.getinfo(name)
-    header = info.header_offset
-    name_len, extra_len = int.from_bytes(archive[header + 26:header + 28], "little"), \
-        int.from_bytes(archive[header + 28:header + 30], "little")
-    at = header + 30 + name_len + extra_len + info.compress_size // 2
+    # The local header's name and extra lengths (at 26 and 28) say where the data starts.
+    name_len, extra_len = struct.unpack_from("<HH", archive, info.header_offset + 26)
+    at = info.header_offset + 30 + name_len + extra_len + info.compress_size // 2
     damaged = bytearray(archive)
     damaged[at] ^= 0x01
     return bytes(damaged)
