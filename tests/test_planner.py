@@ -72,6 +72,18 @@ def test_a_buffered_read_after_a_seek_is_no_sequential_run() -> None:
                                                                  512 * 1024) == []
 
 
+def test_random_reads_a_few_mib_apart_prove_no_run() -> None:
+    # Two random buffered reads (1 MiB each) that happen to land 10 MiB apart: a jump,
+    # not a run of 2 MiB to fetch ahead of.
+    p = pattern()
+    assert p.advise(300 * MiB, MiB) == []
+    assert p.advise(311 * MiB, MiB) == []
+    assert p.advise(311 * MiB + 100, MiB) == []  # mostly a re-read: the run is 1 MiB
+    assert p.advise(301 * MiB, MiB) == []  # right after an earlier one, not the last
+    assert not p.sequential
+    assert p.advise(302 * MiB, MiB) != []  # this one follows: a run of 2 MiB, proven
+
+
 def test_a_jump_ends_the_run_and_the_next_run_starts_small_again() -> None:
     p = pattern()
     copy(p, 0, 64 * MiB, 128 * 1024)

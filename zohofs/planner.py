@@ -122,12 +122,18 @@ class ReadPattern:
         if self._next is None:
             sequential = offset == 0  # a copy starts at 0: start the run at once
         else:
-            sequential = self._next - SLACK <= offset <= self._next + 2 * self._max_request
+            # A run is proven by reads that follow on from each other; once it is, it
+            # forgives forward gaps of up to two requests (the kernel's readahead runs
+            # ahead of the reader). Before, any gap is a jump: random reads that happen
+            # to land near each other would otherwise prove a run and start a prefetch.
+            ahead = 2 * self._max_request if self.window else 0
+            sequential = self._next - SLACK <= offset <= self._next + ahead
         if not sequential:
             self.stop()
             self._next, self._run, self._run_start = end, size, offset
             return []
-        self._run += size
+        # The run grows by what this read adds past its end, not by what it re-reads.
+        self._run += max(0, end - max(offset, self._next or 0))
         self._next = max(self._next or 0, end)
         if self._run < PROVEN_RUN and self._run_start != 0:
             return []
