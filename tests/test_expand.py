@@ -118,6 +118,26 @@ def test_every_member_reads_as_zipfile_reads_it(expanded: Path, rich: Backup,
         assert sha256((tmp_path / "backup" / ZGID / JOB_ID / name).read_bytes()) == sha256(data)
 
 
+def test_the_readme_restic_line_backs_up_the_zips_alone(expanded: Path, rich: Backup,
+                                                       tmp_path: Path) -> None:
+    root = expanded.parents[1]
+    env = {**os.environ, "RESTIC_REPOSITORY": str(tmp_path / "repo"),
+           "RESTIC_PASSWORD": "zohofs-test", "RESTIC_CACHE_DIR": str(tmp_path / "cache")}
+
+    def restic(*args: str) -> None:
+        done = subprocess.run(["restic", *args], env=env, capture_output=True, text=True,
+                              timeout=120, check=False)
+        assert done.returncode == 0, done.stderr  # 3 would mean a file could not be read
+
+    restic("init")
+    restic("backup", "--exclude", f"{root}/*/*/*_[0-9][0-9][0-9]", str(root))
+    restic("restore", "latest", "--target", str(tmp_path / "restored"))
+    job = tmp_path / "restored" / root.relative_to("/") / ZGID / JOB_ID
+    assert sorted(p.name for p in job.iterdir()) == sorted(rich.files)
+    for name, data in rich.files.items():
+        assert sha256((job / name).read_bytes()) == sha256(data), name
+
+
 def test_listing_and_one_small_member_cost_a_few_gets(expanded: Path, served: Emulator,
                                                       rich: Backup) -> None:
     # The part of 3000 members: a central directory of ~250 KB.
