@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import stat
 from collections.abc import Iterator
 
 import pytest
@@ -23,7 +24,7 @@ from zohofs.errors import (
     ServerError,
     TransportError,
 )
-from zohofs.fs import ZohoFS
+from zohofs.fs import GOOD_TIMEOUT, ROOT_INODE, ZohoFS
 from zohofs.hosts import HostPolicy
 from zohofs.planner import CHUNK
 from zohofs.remote import RangeReader, RetryPolicy
@@ -67,6 +68,32 @@ async def test_probe_and_fetch(emulator: Emulator, backup: Backup, url: str) -> 
     sent = emulator.gets(NAME)[-1].headers
     assert sent["Authorization"] == f"Zoho-oauthtoken {TOKEN}"
     assert sent["Accept-Encoding"] == "identity" and sent["If-Match"] == info.etag
+
+
+async def test_the_kernel_may_keep_what_an_archive_index_says(emulator: Emulator,
+                                                              url: str) -> None:
+    """Folders and members of an expanded archive are known from its index: their
+    attributes and names are given with the full timeout, not 0 (which made every stat
+    of a member a round trip to the mount)."""
+    fs = ZohoFS(reader_for(emulator), {"": TOKENS}, cache_size=64 * MiB, max_request=MiB,
+                max_ahead=MiB, expand=True)
+    file = parse_link(url)
+    fs.add_files([file])
+    ino = ROOT_INODE
+    for name in [*file.path.split("/")[:-1], NAME[:-4]]:
+        ino = (await fs.lookup(ino, name)).ino
+    seen = 0
+    folders = [ino]
+    while folders:
+        folder = folders.pop()
+        await fs.opendir(folder)
+        for name, attr, _ in list(fs.readdir(folder, 0)):
+            assert attr.timeout == GOOD_TIMEOUT, name
+            assert (await fs.lookup(folder, name)).timeout == GOOD_TIMEOUT, name
+            seen += 1
+            if stat.S_ISDIR(attr.mode):
+                folders.append(attr.ino)
+    assert seen > 2
 
 
 async def test_pieces_are_the_range_cut_at_the_piece_size(

@@ -380,7 +380,10 @@ class ZohoFS:
 
     def attr(self, node: Node) -> Attr:
         """Attributes as known now (no I/O): a file not yet probed shows size 0, briefly."""
-        known = node.is_dir or (node.info is not None and not node.stale)
+        # Folders and members are known from the tree and the archive's index; a file
+        # only once probed. What is known the kernel may keep: an `ls -l` of a folder of
+        # members then costs one round trip per entry, not one per stat.
+        known = node.file is None or (node.info is not None and not node.stale)
         if node.is_dir:
             mode, nlink, size = stat.S_IFDIR | 0o555, 2 + sum(
                 self._nodes[c].is_dir for c in node.children.values()), 0
@@ -569,12 +572,12 @@ class ZohoFS:
     def _fill(self, root: Node, members: list[Member]) -> None:
         """Make ``root`` show exactly ``members``; nodes of paths seen before keep their
         inodes, names that left are forgotten by the kernel."""
-        before: list[tuple[int, str, int]] = []
+        before: list[tuple[int, str, int, Member | None]] = []
         stack = [root]
         while stack:
             directory = stack.pop()
             for name, ino in directory.children.items():
-                before.append((directory.ino, name, ino))
+                before.append((directory.ino, name, ino, self._nodes[ino].member))
                 stack.append(self._nodes[ino])
             directory.children, directory.listing = {}, None
         for m in members:
@@ -585,8 +588,12 @@ class ZohoFS:
                 parent.member, parent.view = None, root.view  # maybe a file before
             leaf = self._child(parent, name, None)
             leaf.member, leaf.view = m, root.view
-        for parent_ino, name, ino in before:
-            if self._nodes[parent_ino].children.get(name) != ino and self.on_removed:
+        # Names that left, and members that changed (the kernel keeps their size and
+        # times): the kernel forgets them and looks them up again.
+        for parent_ino, name, ino, member in before:
+            if self.on_removed is not None and (
+                    self._nodes[parent_ino].children.get(name) != ino
+                    or self._nodes[ino].member != member):
                 self.on_removed(parent_ino, name)
 
     async def _open_member(self, node: Node) -> tuple[int, Hashable]:
