@@ -102,6 +102,18 @@ def test_reads_slightly_out_of_order_stay_sequential() -> None:
     assert p.sequential
 
 
+def test_a_proven_run_forgives_the_page_cache_readahead_order() -> None:
+    # Through the page cache the kernel's readahead requests reach FUSE MiBs apart and
+    # out of order; a run that is proven keeps its window through them.
+    p = pattern()
+    copy(p, 0, 32 * MiB, MiB)
+    for offset in (44 * MiB, 36 * MiB, 33 * MiB, 45 * MiB, 32 * MiB, 50 * MiB):
+        p.advise(offset, MiB)
+        assert p.window == 32 * MiB, offset
+    p.advise(200 * MiB, MiB)  # a real jump still ends it
+    assert not p.sequential
+
+
 def test_readers_share_the_budget_equally() -> None:
     budget = PrefetchBudget(64 * MiB)
     readers = [pattern(budget) for _ in range(16)]

@@ -27,10 +27,8 @@ PROVEN_RUN = 2 * MiB
 # Requests a sequential reader keeps in flight, shared by the readers in a run: what a
 # host's connections take at once.
 IN_FLIGHT = 4
-# Reads that start this little before where the last one ended are still sequential: the
-# kernel's readahead and parallel FUSE requests arrive slightly out of order. Forward, the
-# slack is two requests: through the page cache the kernel's readahead runs that far ahead
-# of the reader (the mount raises it to that).
+# Reads that start this little before where the last one ended still continue a run that
+# is not proven yet: parallel FUSE requests arrive slightly out of order.
 SLACK = 1 * MiB
 
 
@@ -121,13 +119,17 @@ class ReadPattern:
         end = offset + size
         if self._next is None:
             sequential = offset == 0  # a copy starts at 0: start the run at once
+        elif self.window:
+            # A proven run forgives reads out of order by up to its window (at least two
+            # requests) either way: through the page cache, the kernel's readahead
+            # requests reach FUSE that far apart.
+            reach = max(self.window, 2 * self._max_request)
+            sequential = self._next - reach <= offset <= self._next + reach
         else:
-            # A run is proven by reads that follow on from each other; once it is, it
-            # forgives forward gaps of up to two requests (the kernel's readahead runs
-            # ahead of the reader). Before, any gap is a jump: random reads that happen
-            # to land near each other would otherwise prove a run and start a prefetch.
-            ahead = 2 * self._max_request if self.window else 0
-            sequential = self._next - SLACK <= offset <= self._next + ahead
+            # A run is proven only by reads that follow on from each other: random reads
+            # that happen to land near each other would otherwise prove one and start a
+            # prefetch.
+            sequential = self._next - SLACK <= offset <= self._next
         if not sequential:
             self.stop()
             self._next, self._run, self._run_start = end, size, offset
