@@ -519,7 +519,7 @@ async def list_backups(cfg: Config) -> int:
                 size = str(node.info.size)
             else:
                 failed = True
-                size = f"error: {node.error}" if node.error else "?"
+                size = f"error: {node.failure.error}" if node.failure else "?"
             expires = node.file.expires.isoformat() if node.file.expires else "-"
             rows.append((node.file.zgid, node.file.job_id, node.file.name, size, expires))
         if len(rows) == 1:

@@ -97,6 +97,19 @@ class Attr:
         return (self.size + 511) // 512
 
 
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """What a probe or an index read last failed with, and when. Callers that queued
+    behind it, or come right after it, share it instead of asking a failing server one
+    after another."""
+
+    error: ZohofsError
+    at: float = field(default_factory=trio.current_time)
+
+    def recent(self) -> bool:
+        return trio.current_time() - self.at < FAILED_PROBE_TTL
+
+
 @dataclass(eq=False)
 class ArchiveView:
     """The directory ``X/`` that shows the members of ``X.zip`` (``--expand``), filled
@@ -106,8 +119,7 @@ class ArchiveView:
     root: int  # the inode of X/
     version: Hashable = None  # of the archive whose members the directory shows now
     lock: trio.Lock = field(default_factory=trio.Lock)
-    error: ZohofsError | None = None
-    failed_at: float = -1.0
+    failure: Failure | None = None  # of the last index read
 
 
 @dataclass(eq=False, slots=True)
@@ -127,8 +139,7 @@ class Node:
     # the attributes keep showing it: a size of 0 handed to the kernel (readdirplus
     # updates open files' sizes too) would cut every open reader short.
     stale: bool = False
-    error: ZohofsError | None = None
-    failed_at: float = -1.0  # when ``error`` was last raised by a probe
+    failure: Failure | None = None  # of the last probe
     # Locks are made on first use: an expanded archive can add 100 000 nodes that never
     # need one (a lock is ~340 bytes).
     probe_lock: trio.Lock | None = None
@@ -329,21 +340,18 @@ class ZohoFS:
         async with node.probe_lock:  # one probe per file, however many callers ask
             if node.info is not None and not node.stale:
                 return node.info
-            if node.error is not None and (
-                    trio.current_time() - node.failed_at < FAILED_PROBE_TTL):
-                # Callers that queued behind a failing probe, or come right after it, share
-                # its failure instead of probing a failing server one after another.
-                raise node.error
+            if node.failure is not None and node.failure.recent():
+                raise node.failure.error
             try:
                 check_expiry(node.file)
                 with self._deadline(node.file.path, "probing its size"):
                     info = await self._reader.probe(node.file.url,
                                                     self._tokens[node.file.account])
             except ZohofsError as exc:
-                node.error, node.failed_at = exc, trio.current_time()
+                node.failure = Failure(exc)
                 raise
             first = node.info is None
-            node.info, node.stale, node.error = info, False, None
+            node.info, node.stale, node.failure = info, False, None
             if first and not validated(info):
                 log.warning("%s: the server sends neither ETag nor Last-Modified: a change "
                             "of the file on the server cannot be detected; each open reads "
@@ -537,15 +545,15 @@ class ZohoFS:
             version = (info.etag, info.last_modified, info.size)
             if view.version == version:
                 return
-            if view.error is not None and trio.current_time() - view.failed_at < FAILED_PROBE_TTL:
-                raise view.error
+            if view.failure is not None and view.failure.recent():
+                raise view.failure.error
             try:
                 found = await self._read_index(archive)
             except ZohofsError as exc:
-                view.error, view.failed_at = exc, trio.current_time()
+                view.failure = Failure(exc)
                 raise
             self._fill(node, found)
-            view.version, view.error = version, None
+            view.version, view.failure = version, None
 
     async def _read_index(self, archive: Node) -> list[Member]:
         """The members of ``archive``, from its central directory, within the read
