@@ -54,7 +54,7 @@ class Directory:
     entries: int
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class Member:
     path: str  # safe: relative, no "..", unique in its archive
     method: int
