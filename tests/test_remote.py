@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import ssl
 import stat
+import types
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +14,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import zohofs.fs
 from tests.conftest import TOKEN
 from zohofs.auth import StaticToken
 from zohofs.config import MiB
@@ -94,6 +97,35 @@ async def test_the_kernel_may_keep_what_an_archive_index_says(emulator: Emulator
             if stat.S_ISDIR(attr.mode):
                 folders.append(attr.ino)
     assert seen > 2
+
+
+async def test_a_path_that_comes_back_keeps_its_inode_among_collisions(
+        emulator: Emulator, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    class SameHash:  # every path hashes alike: each new one takes the next free number
+        def __init__(self, data: bytes, digest_size: int) -> None:
+            pass
+
+        def digest(self) -> bytes:
+            return (12345).to_bytes(8, "big")
+
+    monkeypatch.setattr(zohofs.fs, "hashlib", types.SimpleNamespace(blake2b=SameHash))
+    fs = fs_for(emulator, url, ahead=MiB)
+    base = parse_link(url)
+    a, b, c = (dataclasses.replace(base, name=n) for n in ("A.zip", "B.zip", "C.zip"))
+
+    async def inodes() -> dict[str, int]:
+        job = ROOT_INODE
+        for name in (base.zgid, base.job_id):
+            job = (await fs.lookup(job, name)).ino
+        return {name: ino for name, _, ino in fs.readdir(job, 0)}
+
+    await fs.set_files([a, b, c])
+    first = await inodes()
+    assert len(set(first.values())) == 3
+    await fs.set_files([a, c])
+    assert await inodes() == {k: v for k, v in first.items() if k != "B.zip"}
+    await fs.set_files([c, b, a])
+    assert await inodes() == first
 
 
 async def test_pieces_are_the_range_cut_at_the_piece_size(

@@ -227,9 +227,8 @@ class ZohoFS:
         self._max_ahead = max_ahead
         self._uid = os.getuid() if uid is None else uid
         self._gid = os.getgid() if gid is None else gid
+        # Every node ever made: one whose path comes back keeps its inode number.
         self._nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, "", ROOT_INODE)}
-        # Every node ever created, by path: one that comes back keeps its inode number.
-        self._by_path: dict[str, Node] = {}
         self._open: dict[int, OpenFile] = {}
         self._members: dict[int, OpenMember] = {}
         # Member readers by (archive inode, version, member path): their inflation
@@ -293,11 +292,12 @@ class ZohoFS:
         if ino is not None:
             return self._nodes[ino]
         path = file.path if file else self._path(parent, name)
-        node = self._by_path.get(path)
+        # The inode a node of this path has, or will have: the path's own number, past
+        # those that other paths hold. No table of paths: a member costs less.
+        ino = stable_inode(path, _HeldByOthers(self, path))
+        node = self._nodes.get(ino)
         if node is None:
-            node = Node(stable_inode(path, self._nodes), name, parent.ino, file)
-            self._nodes[node.ino] = node
-            self._by_path[path] = node
+            node = self._nodes[ino] = Node(ino, name, parent.ino, file)
         parent.children[name] = node.ino
         parent.listing = None
         return node
@@ -308,6 +308,14 @@ class ZohoFS:
             parts.append(parent.name)
             parent = self._nodes[parent.parent]
         return "/".join(reversed(parts)) + "/"
+
+    def path_of(self, ino: int) -> str | None:
+        """The path ``_child`` gave the node at ``ino`` (a file's own, a folder's or
+        member's with a trailing slash), None for a free inode."""
+        node = self._nodes.get(ino)
+        if node is None:
+            return None
+        return node.file.path if node.file else self._path(self._nodes[node.parent], node.name)
 
     @property
     def files(self) -> list[Node]:
@@ -888,6 +896,17 @@ class ZohoFS:
                     if attempt or not isinstance(exc, TransportError):
                         raise
         raise AssertionError("unreachable")
+
+
+class _HeldByOthers:
+    """The inodes that nodes of other paths hold, for :func:`stable_inode`."""
+
+    def __init__(self, fs: ZohoFS, path: str) -> None:
+        self._fs = fs
+        self._path = path
+
+    def __contains__(self, ino: object) -> bool:
+        return isinstance(ino, int) and self._fs.path_of(ino) not in (None, self._path)
 
 
 class _ArchiveBytes:
