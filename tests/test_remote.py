@@ -47,9 +47,10 @@ def reader_for(emulator: Emulator, ctx: ssl.SSLContext | None = None,
                        RetryPolicy(attempts=attempts, base_delay=0.01))
 
 
-def fs_for(emulator: Emulator, url: str, ahead: int, attempts: int = 3) -> ZohoFS:
+def fs_for(emulator: Emulator, url: str, ahead: int, attempts: int = 3,
+           expand: bool = False) -> ZohoFS:
     fs = ZohoFS(reader_for(emulator, attempts=attempts), {"": TOKENS}, cache_size=64 * MiB,
-                max_request=MiB, max_ahead=ahead)
+                max_request=MiB, max_ahead=ahead, expand=expand)
     fs.add_files([parse_link(url)])
     return fs
 
@@ -78,10 +79,8 @@ async def test_the_kernel_may_keep_what_an_archive_index_says(emulator: Emulator
     """Folders and members of an expanded archive are known from its index: their
     attributes and names are given with the full timeout, not 0 (which made every stat
     of a member a round trip to the mount)."""
-    fs = ZohoFS(reader_for(emulator), {"": TOKENS}, cache_size=64 * MiB, max_request=MiB,
-                max_ahead=MiB, expand=True)
+    fs = fs_for(emulator, url, ahead=MiB, expand=True)
     file = parse_link(url)
-    fs.add_files([file])
     ino = ROOT_INODE
     for name in [*file.path.split("/")[:-1], NAME[:-4]]:
         ino = (await fs.lookup(ino, name)).ino

@@ -32,7 +32,7 @@ from zohofs.auth import Credentials
 from zohofs.config import Config, MiB, access_token, parse_size
 from zohofs.diagnose import dump_on_usr1
 from zohofs.errors import ConfigError, ZohofsError
-from zohofs.fs import ZohoFS
+from zohofs.fs import ZohoFS, view_name
 from zohofs.hosts import DATA_CENTRES
 from zohofs.logs import setup as setup_logging
 from zohofs.operations import Operations
@@ -664,7 +664,8 @@ def _print_tree(root: str, expand: bool) -> None:
         depth = os.path.relpath(dirpath, root).count(os.sep) + (dirpath != root)
         if dirpath != root:
             print("    " * (depth - 1) + os.path.basename(dirpath) + "/")
-        inside = [d for d in dirnames if d + ".zip" in filenames]  # --expand's folders
+        folders = {view_name(f) for f in filenames}
+        inside = [d for d in dirnames if d in folders]  # --expand's folders
         dirnames[:] = [d for d in dirnames if d not in inside]
         for name in inside:
             print("    " * depth + f"{name}/  (what {name}.zip holds)")

@@ -182,6 +182,12 @@ class OpenMember:
     activity: FileActivity
 
 
+def view_name(file_name: str) -> str | None:
+    """The folder that shows a zip's members (``--expand``): the zip's name without
+    ``.zip``; None for anything else."""
+    return file_name[:-4] if file_name.endswith(".zip") else None
+
+
 def validated(info: RemoteInfo) -> bool:
     return info.etag is not None or info.last_modified is not None
 
@@ -252,8 +258,9 @@ class ZohoFS:
             node.file = f  # maybe a fresh link (or expiry) for a file we had
             if not known:
                 added.append(node)
-                if self._expand and f.name.endswith(".zip"):
-                    view = self._child(parent, f.name[:-4], None)
+                folder = view_name(f.name)
+                if self._expand and folder is not None:
+                    view = self._child(parent, folder, None)
                     view.view = view.view or ArchiveView(node.ino, view.ino)
         return added
 
@@ -275,8 +282,9 @@ class ZohoFS:
 
     def _detach(self, node: Node) -> None:
         parent = self._nodes[node.parent]
-        if node.file is not None and node.name.endswith(".zip"):
-            view = self._nodes.get(parent.children.get(node.name[:-4], 0))
+        folder = view_name(node.name) if node.file is not None else None
+        if folder is not None:
+            view = self._nodes.get(parent.children.get(folder, 0))
             if view is not None and view.view is not None:
                 self._detach(view)  # the archive left: so does the view into it
         if parent.children.get(node.name) == node.ino:
@@ -619,7 +627,7 @@ class ZohoFS:
         if member is None or not self._attached(node):
             raise NoSuchEntry(f"{node.name}: not in the archive any more")
         archive_fh, archive = await self._open_file(self._nodes[node.view.archive])
-        name = f"{archive.file.path[:-4]}/{member.path}"
+        name = f"{view_name(archive.file.path)}/{member.path}"
         try:
             key = (archive.node.ino, archive.version, member.path)
             reader = self._member_readers.get(key)

@@ -135,8 +135,9 @@ class ReadPattern:
             self._next, self._run, self._run_start = end, size, offset
             return []
         # The run grows by what this read adds past its end, not by what it re-reads.
-        self._run += max(0, end - max(offset, self._next or 0))
-        self._next = max(self._next or 0, end)
+        reached = self._next or 0
+        self._run += max(0, end - max(offset, reached))
+        self._next = max(reached, end)
         if self._run < PROVEN_RUN and self._run_start != 0:
             return []
         if self.window == 0:
