@@ -76,8 +76,9 @@ def mount_process(tmp_path: Path) -> Iterator[MountFactory]:
     """
     mounts: list[Mount] = []
 
-    def start(*args: str, name: str = "mnt", env: dict[str, str] | None = None) -> Mount:
-        path = tmp_path / name
+    def start(*args: str, name: str = "mnt", env: dict[str, str] | None = None,
+              where: Path | None = None) -> Mount:
+        path = (where or tmp_path) / name
         # Not mkdir(exist_ok=True): its check stats the path, which fails with ENOTCONN
         # on a dead mount left there on purpose (the kernel may not have its attributes).
         with contextlib.suppress(FileExistsError):
@@ -113,12 +114,13 @@ def mount(mount_process: MountFactory, emulator: Emulator,
     """zohofs on explicit links (the emulator's, or ``links=``) with an access token."""
 
     def start(*args: str, links: list[str] | None = None, name: str = "mnt",
-              env: dict[str, str] | None = None) -> Mount:
+              env: dict[str, str] | None = None, where: Path | None = None) -> Mount:
         links = links if links is not None else sorted(
             emulator.base_url + p for p in emulator.files)
         link_args = [a for link in links for a in ("--link", link)]
         return mount_process(*link_args, "--access-token-file", str(token_file),
-                             *common_args(emulator), *args, name=name, env=env)
+                             *common_args(emulator), *args, name=name, env=env,
+                             where=where)
 
     return start
 

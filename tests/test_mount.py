@@ -43,11 +43,11 @@ def test_tree_shape_and_attributes(mount: MountFactory, backup: Backup) -> None:
     assert sorted(os.listdir(job)) == sorted(backup.files)
     for d in (m.path, m.path / "757345985", job):
         st = os.stat(d)
-        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o555
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o500  # owner only
         assert st.st_uid == os.getuid()
     for name, data in backup.files.items():
         st = os.stat(job / name)
-        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o444
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o400
         assert st.st_size == len(data)
         assert st.st_mtime == DEFAULT_LAST_MODIFIED
         assert st.st_blocks == (len(data) + 511) // 512

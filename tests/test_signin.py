@@ -217,12 +217,13 @@ def test_api_domain_must_be_a_zoho_api_host() -> None:
 async def test_processes_with_one_store_share_a_token_and_a_damaged_store_costs_one(
         client: httpx.AsyncClient, emulator: Emulator, account: EmulatedAccount,
         tmp_path: Path) -> None:
-    def with_store() -> OAuthTokens:
-        return OAuthTokens(client, emulator.base_url, Credentials(
-            account.client_id, account.client_secret, account.refresh_token),
-            store=TokenStore(tmp_path, emulator.base_url, account.client_id))
+    credentials = Credentials(account.client_id, account.client_secret, account.refresh_token)
 
-    store = TokenStore(tmp_path, emulator.base_url, account.client_id)
+    def with_store() -> OAuthTokens:
+        return OAuthTokens(client, emulator.base_url, credentials,
+                           store=TokenStore(tmp_path, emulator.base_url, credentials))
+
+    store = TokenStore(tmp_path, emulator.base_url, credentials)
     store.path.write_text("{not json")
     first = await with_store().token()  # the damaged store is not a failure
     assert await with_store().token() == first  # a second process asks nobody
@@ -234,8 +235,9 @@ async def test_an_unusable_store_leaves_tokens_per_process(
         client: httpx.AsyncClient, emulator: Emulator, account: EmulatedAccount,
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "a-file").write_text("")
-    tokens = OAuthTokens(client, emulator.base_url, Credentials(
-        account.client_id, account.client_secret, account.refresh_token),
-        store=TokenStore(tmp_path / "a-file" / "state", emulator.base_url, account.client_id))
+    credentials = Credentials(account.client_id, account.client_secret, account.refresh_token)
+    tokens = OAuthTokens(client, emulator.base_url, credentials,
+                         store=TokenStore(tmp_path / "a-file" / "state", emulator.base_url,
+                                          credentials))
     assert await tokens.token()
     assert "cannot keep access tokens in" in caplog.text

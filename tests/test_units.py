@@ -202,10 +202,9 @@ def test_inode_allocation_does_not_copy_the_taken_set() -> None:
 def test_the_mount_helpers_call_becomes_a_background_mount() -> None:
     from zohofs.cli import from_mount_helper
 
-    assert from_mount_helper(["zoho", "/zoho", "-o", "rw,config=/etc/zohofs/config.toml,"
-                              "allow_other,dev,suid,_netdev,x-systemd.automount"]) == [
-        "mount", "/zoho", "--background", "--config", "/etc/zohofs/config.toml",
-        "-o", "allow_other,dev,suid"]
+    line = "rw,config=/etc/zohofs/config.toml,allow_other,_netdev,x-systemd.automount"
+    assert from_mount_helper(["zoho", "/zoho", "-o", line]) == [
+        "mount", "/zoho", "--background", "-o", line]
     assert from_mount_helper(["zoho", "/zoho"]) == ["mount", "/zoho", "--background"]
     for ours in (["mount", "/zoho"], ["ls"], ["--version"], []):
         assert from_mount_helper(ours) is None

@@ -8,7 +8,7 @@ import errno
 import getpass
 import json
 import logging
-import logging.handlers
+import math
 import os
 import re
 import signal
@@ -27,16 +27,18 @@ import httpx
 import pyfuse3
 import trio
 
-from zohofs import __version__, config, login
+from zohofs import __version__, config, login, mountopts
 from zohofs.auth import Credentials
 from zohofs.config import Config, MiB, access_token, parse_size
 from zohofs.diagnose import dump_on_usr1
 from zohofs.errors import ConfigError, ZohofsError
 from zohofs.fs import ZohoFS, view_name
 from zohofs.hosts import DATA_CENTRES
+from zohofs.logs import background_handler
 from zohofs.logs import setup as setup_logging
 from zohofs.operations import Operations
 from zohofs.runtime import fatal_sign_in_errors, open_runtime, read_links
+from zohofs.tokenstore import state_directory
 
 log = logging.getLogger("zohofs")
 
@@ -149,6 +151,11 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-delay", type=float, metavar="SECONDS",
                    help="first backoff between attempts (0.25)")
     p.add_argument("-d", "--debug", action="store_true", help="log every request")
+    p.add_argument("--log-file", metavar="FILE",
+                   help="append the log to FILE (mode 600) instead of the terminal, "
+                        "journald or syslog")
+    p.add_argument("--log-level", choices=config.LOG_LEVELS,
+                   help="least important messages logged (info; debug with -d)")
 
 
 def _add_mount_options(p: argparse.ArgumentParser) -> None:
@@ -165,8 +172,19 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expand", action="store_true", default=None,
                    help="also show each X.zip's files (CSVs, attachments) in a folder X/ "
                         "next to it, read on demand; -o expand does the same")
+    p.add_argument("--uid", metavar="USER",
+                   help="owner of everything in the mount (default: who mounts)")
+    p.add_argument("--gid", metavar="GROUP",
+                   help="group of everything in the mount (default: who mounts)")
+    p.add_argument("--umask", metavar="OCTAL",
+                   help="permission bits taken away from r-x (default 077: owner only; "
+                        "027 lets the group read)")
+    p.add_argument("--file-mode", metavar="OCTAL", help="mode of files (overrides --umask)")
+    p.add_argument("--dir-mode", metavar="OCTAL", help="mode of folders (overrides --umask)")
     p.add_argument("-o", dest="fuse_options", action="append", metavar="OPT[,OPT]",
-                   help="FUSE mount options, e.g. allow_other")
+                   help="mount options as in fstab: zohofs settings (expand, uid=, gid=, "
+                        "umask=, config=, ...), FUSE's (allow_other, ...), mount(8)'s "
+                        "(_netdev, nofail, ... are ignored)")
 
 
 def _add_backup_options(p: argparse.ArgumentParser, part_size: str = "1G") -> None:
@@ -177,28 +195,30 @@ def _add_backup_options(p: argparse.ArgumentParser, part_size: str = "1G") -> No
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Flags > environment > config file > defaults, secrets never from argv."""
-    options = getattr(args, "fuse_options", None)
-    # -o expand (what an fstab line can say) is ours, not FUSE's.
-    fuse_options = [o for opt in options or () for o in opt.split(",") if o]
-    flags: dict[str, Any] = {
+    """Flags (``-o`` options among them) > environment > config file > defaults, secrets
+    never from argv."""
+    try:
+        options = mountopts.parse(getattr(args, "fuse_options", None) or (), config.SETTINGS)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    given: dict[str, Any] = {
+        "fuse_options": options.fuse or None,
         "dc": args.dc, "accounts_url": args.accounts_url, "api_url": args.api_url,
         "api_version": args.api_version, "listing_interval": args.listing_interval,
-        "cache_size": getattr(args, "cache_size", None),
-        "block_size": getattr(args, "block_size", None),
-        "readahead": getattr(args, "readahead", None),
-        "page_cache": getattr(args, "page_cache", None),
         "connections": args.connections, "timeout": args.timeout,
         "read_timeout": args.read_timeout, "retries": args.retries,
         "retry_delay": args.retry_delay, "ca_file": args.ca_file,
-        "trust_hosts": args.trust_host,
-        "fuse_options": [o for o in fuse_options if o != "expand"] if options else None,
-        "expand": True if getattr(args, "expand", None) or "expand" in fuse_options else None,
-        "links": args.link, "links_file": args.links_file,
+        "trust_hosts": args.trust_host, "links": args.link, "links_file": args.links_file,
+        "log_file": args.log_file, "log_level": args.log_level,
     }
+    for key in ("cache_size", "block_size", "readahead", "page_cache", "expand", "uid", "gid",
+                "umask", "file_mode", "dir_mode"):
+        given[key] = getattr(args, key, None)
+    flags = {**options.settings, **{k: v for k, v in given.items() if v is not None}}
     secret_flags = {"client_id": args.client_id_file, "client_secret": args.client_secret_file,
                     "refresh_token": args.refresh_token_file}
-    settings, accounts = config.build(flags, secret_flags, os.environ, args.config, args.strict)
+    settings, accounts = config.build(flags, secret_flags, os.environ,
+                                      args.config or options.config, args.strict)
     mountpoint = getattr(args, "mountpoint", None)
     return Config.from_settings(
         settings, accounts=accounts, debug=args.debug,
@@ -306,13 +326,17 @@ async def serve(config: Config, on_ready: Callable[[], Awaitable[None]] | None =
             if fatal and len(fatal) == len(runtime.sources) and not config.links:
                 raise ConfigError("; ".join(str(e) for e in fatal))
         operations = Operations(runtime.fs, direct_io=config.direct_io)
-        options = set(pyfuse3.default_options) | {"fsname=zohofs", "subtype=zohofs", "ro",
-                                                  *config.fuse_options}
+        options = set(pyfuse3.default_options) | {"fsname=zohofs", "subtype=zohofs",
+                                                  *mountopts.ALWAYS, *config.fuse_options}
         try:
             pyfuse3.init(operations, config.mountpoint, options)
         except RuntimeError as exc:
             raise ConfigError(f"cannot mount on {config.mountpoint}: {exc}") from exc
-        log.info("mounted %d files on %s", len(runtime.fs.files), config.mountpoint)
+        access = config.access
+        log.info("mounted %d files on %s; who can read them: %s (files %04o, folders %04o)",
+                 len(runtime.fs.files), config.mountpoint, access.readers(),
+                 access.file_mode, access.dir_mode)
+        access.check_allow_other(config.fuse_options)
         # Signals are watched from here until the unmount is done: a second SIGTERM (init
         # systems and `timeout` both send more than one) must not kill us mid-unmount and
         # leave a dead mount behind. pyfuse3 installs no handlers of its own.
@@ -336,11 +360,18 @@ async def serve(config: Config, on_ready: Callable[[], Awaitable[None]] | None =
                                 nursery.start_soon(on_ready)
                             await pyfuse3.main()
                             nursery.cancel_scope.cancel()
+                    # No signal asked for the end (it sets a deadline), and yet the
+                    # kernel never sent INIT: the session failed at start.
+                    failed_at_start = (not operations.initialised.is_set()
+                                       and fuse_scope.deadline == math.inf)
                 finally:
                     _notify_systemd("STOPPING=1")
                     pyfuse3.close(unmount=True)
                     log.info("unmounted %s", config.mountpoint)
                     outer.cancel_scope.cancel()
+    if failed_at_start:
+        raise ZohofsError(f"the kernel ended the FUSE session on {config.mountpoint} before "
+                          "it started (see the lines above)")
 
 
 async def _raise_kernel_readahead(operations: Operations, mountpoint: str, size: int) -> None:
@@ -381,6 +412,7 @@ async def _stop_on_signal(signals: AsyncIterator[int], fuse_scope: trio.CancelSc
 
 def cmd_mount(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    _log_as_configured(cfg)
     _check_mountpoint(cfg.mountpoint)
     if args.background:
         return _serve_in_background(cfg)
@@ -388,9 +420,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_as_configured(cfg: Config) -> None:
+    if cfg.log_file or cfg.log_level:
+        setup_logging(cfg.debug, cfg.log_level, cfg.log_file)
+
+
 def _serve_in_background(cfg: Config) -> int:
     """Fork; the parent exits 0 once the child's mount is live, or with the child's exit
     status (its error already printed) when it could not start."""
+    _log_in_background(cfg)
     ready_r, ready_w = os.pipe()
     child = os.fork()
     if child:
@@ -412,21 +450,27 @@ def _serve_in_background(cfg: Config) -> int:
     return 0
 
 
+def _log_in_background(cfg: Config) -> None:
+    """Soon nobody reads our terminal: log to the file asked for, to journald (started
+    by systemd), else to syslog, else to a file in the state directory; until the mount
+    is live, to the terminal as well."""
+    if cfg.log_file or os.environ.get("JOURNAL_STREAM"):
+        return
+    handler, where = background_handler(state_directory(os.environ))
+    logging.getLogger().addHandler(handler)
+    print(f"zohofs: logging to {where}", file=sys.stderr, flush=True)
+
+
 def _detach_output() -> None:
-    """Nobody reads our terminal any more: log to journald (started by systemd) or
-    syslog, and let nothing else reach the terminal."""
-    if not os.environ.get("JOURNAL_STREAM"):
-        root = logging.getLogger()
-        if os.path.exists("/dev/log"):
-            handler = logging.handlers.SysLogHandler(address="/dev/log")
-            handler.setFormatter(logging.Formatter("zohofs[%(process)d]: %(name)s: %(message)s"))
-            root.handlers[:] = [handler]
-        else:
-            root.handlers[:] = [logging.NullHandler()]
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.close(null)
+    """Let nothing reach the terminal; under systemd stderr is the journal: kept."""
+    if os.environ.get("JOURNAL_STREAM"):
+        return
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if type(h) is not logging.StreamHandler]
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
 
 
 def _map_big_buffers() -> None:
@@ -535,7 +579,9 @@ async def list_backups(cfg: Config) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    return trio.run(list_backups, config_from_args(args))
+    cfg = config_from_args(args)
+    _log_as_configured(cfg)
+    return trio.run(list_backups, cfg)
 
 
 # -- login ---------------------------------------------------------------------------------
@@ -678,38 +724,25 @@ def _print_tree(root: str, expand: bool) -> None:
     print("Press Ctrl-C to unmount and stop.", flush=True)
 
 
-# Options of an fstab line that are for mount(8), systemd or the helper, not for zohofs.
-_MOUNT_ONLY_OPTIONS = {"rw", "ro", "defaults", "auto", "noauto", "user", "users", "nouser",
-                       "_netdev", "nofail", "comment"}
-
-
 def from_mount_helper(argv: Sequence[str]) -> list[str] | None:
     """The arguments of `zohofs mount --background` for mount(8)'s helper call
     `zohofs SOURCE MOUNTPOINT -o OPTIONS` (an fstab line of type fuse.zohofs); None when
-    ``argv`` is a command line of our own. SOURCE is a label; ``config=FILE`` picks the
-    config file, other options go to FUSE."""
+    ``argv`` is a command line of our own. SOURCE is a label; the options are read as
+    `zohofs mount -o` reads them (mountopts.py)."""
     if len(argv) < 2 or argv[0] in _COMMANDS or argv[0].startswith("-"):
         return None
-    options: list[str] = []
+    args = ["mount", argv[1], "--background"]
     rest = list(argv[2:])
     while rest:
         word = rest.pop(0)
         if word == "-o" and rest:
-            options += rest.pop(0).split(",")
+            args += ["-o", rest.pop(0)]
         elif word.startswith("-o") and len(word) > 2:
-            options += word[2:].split(",")
+            args += ["-o", word[2:]]
         else:
             raise ConfigError(f"unexpected argument {word!r} (mount(8) calls zohofs as "
                               "`zohofs SOURCE MOUNTPOINT -o OPTIONS`)")
-    args = ["mount", argv[1], "--background"]
-    fuse = []
-    for option in filter(None, options):
-        key, _, value = option.partition("=")
-        if key == "config":
-            args += ["--config", value]
-        elif key not in _MOUNT_ONLY_OPTIONS and not key.startswith("x-"):
-            fuse.append(option)
-    return args + (["-o", ",".join(fuse)] if fuse else [])
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -726,6 +759,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"zohofs: error: {exc}", file=sys.stderr)
         return 2
+    except ZohofsError as exc:
+        print(f"zohofs: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

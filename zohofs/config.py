@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zohofs.access import Access, parse_group, parse_octal, parse_user
 from zohofs.auth import Credentials
 from zohofs.errors import ConfigError
 from zohofs.hosts import DATA_CENTRES
+from zohofs.mountopts import fuse_option
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,19 @@ class Config:
     expand: bool = False  # show each X.zip's members under X/ as well
     debug: bool = False
     fuse_options: tuple[str, ...] = ()
+    # Who may read (access.py); None: the mounting user's uid and gid, the default umask.
+    uid: int | None = None
+    gid: int | None = None
+    umask: int | None = None
+    file_mode: int | None = None
+    dir_mode: int | None = None
+    log_file: str | None = None
+    log_level: str | None = None  # None: info, or debug with --debug
+
+    @property
+    def access(self) -> Access:
+        return Access.from_settings(uid=self.uid, gid=self.gid, umask=self.umask,
+                                    file_mode=self.file_mode, dir_mode=self.dir_mode)
 
     def __post_init__(self) -> None:
         # Each setting's own range is checked where it is read (SETTINGS), so the message
@@ -222,6 +237,20 @@ def _strings(value: Any) -> tuple[str, ...]:
     return tuple(v.strip() for v in value if v.strip())
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(value: Any) -> str:
+    level = _string(value).lower()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def _fuse_options(value: Any) -> tuple[str, ...]:
+    return tuple(fuse_option(o) for o in _strings(value))
+
+
 def _dc(value: Any) -> str:
     dc = _string(value).lower()
     if dc not in DATA_CENTRES:
@@ -263,8 +292,10 @@ SETTINGS: dict[str, Callable[[Any], Any]] = {
     "timeout": _ranged(_number, 0, above=True), "read_timeout": _ranged(_number, 0, above=True),
     "retries": _ranged(_integer, 1), "retry_delay": _ranged(_number, 0),
     "page_cache": _boolean, "expand": _boolean,
-    "ca_file": _string, "trust_hosts": _strings, "fuse_options": _strings, "links": _strings,
+    "ca_file": _string, "trust_hosts": _strings, "fuse_options": _fuse_options, "links": _strings,
     "links_file": _string,
+    "uid": parse_user, "gid": parse_group, "umask": parse_octal, "file_mode": parse_octal,
+    "dir_mode": parse_octal, "log_file": _string, "log_level": _log_level,
 }
 CREDENTIAL_KEYS = {k: _string for s in SECRETS for k in (s, f"{s}_file")}
 ACCOUNT_KEYS: dict[str, Callable[[Any], Any]] = {

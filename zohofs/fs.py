@@ -31,6 +31,7 @@ import cachetools
 import trio
 
 from zohofs import zipindex
+from zohofs.access import Access
 from zohofs.auth import TokenSource
 from zohofs.buffers import BufferPool
 from zohofs.cache import Abandoned, ChunkCache
@@ -207,8 +208,8 @@ def stable_inode(path: str, taken: Container[int]) -> int:
 class ZohoFS:
     def __init__(self, reader: RangeReader, tokens: Mapping[str, TokenSource], *,
                  cache_size: int, max_request: int, max_ahead: int,
-                 uid: int | None = None, gid: int | None = None,
-                 read_deadline: float = READ_DEADLINE, expand: bool = False) -> None:
+                 access: Access | None = None, read_deadline: float = READ_DEADLINE,
+                 expand: bool = False) -> None:
         self._reader = reader
         self._expand = expand
         # Up to half the cache may hold chunks fetched ahead of readers (never evicted
@@ -231,8 +232,7 @@ class ZohoFS:
         self.stats = reader.stats
         self._max_request = max_request
         self._max_ahead = max_ahead
-        self._uid = os.getuid() if uid is None else uid
-        self._gid = os.getgid() if gid is None else gid
+        self._access = access or Access.from_settings()
         # Every node ever made: one whose path comes back keeps its inode number.
         self._nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, "", ROOT_INODE)}
         self._open: dict[int, OpenFile] = {}
@@ -408,15 +408,18 @@ class ZohoFS:
         # only once probed. What is known the kernel may keep: an `ls -l` of a folder of
         # members then costs one round trip per entry, not one per stat.
         known = node.file is None or (node.info is not None and not node.stale)
+        access = self._access
         if node.is_dir:
-            mode, nlink, size = stat.S_IFDIR | 0o555, 2 + sum(
+            mode, nlink, size = stat.S_IFDIR | access.dir_mode, 2 + sum(
                 self._nodes[c].is_dir for c in node.children.values()), 0
         elif node.member is not None:
-            mode, nlink, size = stat.S_IFREG | node.member.mode, 1, node.member.size
+            mode, nlink, size = (stat.S_IFREG | access.member_mode(node.member.mode), 1,
+                                 node.member.size)
         else:
-            mode, nlink, size = stat.S_IFREG | 0o444, 1, node.info.size if node.info else 0
-        return Attr(node.ino, mode, nlink, size, int(self._mtime(node) * 1e9), self._uid,
-                    self._gid, BLKSIZE, GOOD_TIMEOUT if known else FAILED_TIMEOUT)
+            mode, nlink, size = (stat.S_IFREG | access.file_mode, 1,
+                                 node.info.size if node.info else 0)
+        return Attr(node.ino, mode, nlink, size, int(self._mtime(node) * 1e9), access.uid,
+                    access.gid, BLKSIZE, GOOD_TIMEOUT if known else FAILED_TIMEOUT)
 
     async def getattr(self, ino: int) -> Attr:
         node = self._node(ino)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
+import socket
 import sys
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
+
+from zohofs.errors import ConfigError
 
 _JOURNAL_PRIORITY = {
     logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7,
@@ -20,21 +25,70 @@ class _JournalFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in super().format(record).splitlines())
 
 
-def setup(debug: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
-        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+_PLAIN = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup(debug: bool, level: str | None = None, log_file: str | None = None) -> None:
+    """Log to ``log_file`` if given, else to stderr (journald's format under systemd)."""
+    handler: logging.Handler
+    if log_file:
+        handler = file_handler(log_file)
     else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler = logging.StreamHandler(sys.stderr)
+        if os.environ.get("JOURNAL_STREAM"):
+            handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+        else:
+            handler.setFormatter(logging.Formatter(_PLAIN))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.setLevel(level.upper() if level else logging.DEBUG if debug else logging.INFO)
     # Per-request lines from the HTTP libraries are noise, and httpx's carry URLs.
     for name in ("httpx", "httpcore", "hpack"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # pyfuse3's debug output is one line per kernel request: only with --debug.
     logging.getLogger("pyfuse3").setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def file_handler(path: str) -> logging.Handler:
+    """Appends to ``path``, created mode 0600 (names of members are customer data); a
+    file rotated away by logrotate is reopened."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot write the log file {path}: {exc.strerror or exc}") from None
+    handler.setFormatter(logging.Formatter("%(asctime)s zohofs[%(process)d] %(levelname)s "
+                                           "%(name)s: %(message)s"))
+    return handler
+
+
+def background_handler(state: Path, syslog: str = "/dev/log") -> tuple[logging.Handler, str]:
+    """Where a mount in the background logs when nobody set a file and systemd did not
+    start it: syslog if it answers, else a file in the state directory. Returns the
+    handler and where it writes, in words."""
+    if _answers(syslog):
+        handler = logging.handlers.SysLogHandler(address=syslog)
+        handler.setFormatter(logging.Formatter("zohofs[%(process)d]: %(name)s: %(message)s"))
+        return handler, "syslog"
+    try:
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"no syslog, and cannot make {state} for a log file: "
+                          f"{exc.strerror}; give --log-file") from None
+    path = str(state / "zohofs.log")
+    return file_handler(path), path
+
+
+def _answers(address: str) -> bool:
+    # SysLogHandler swallows a failed connect and then fails on every line: ask first.
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        try:
+            with socket.socket(socket.AF_UNIX, kind) as s:
+                s.connect(address)
+            return True
+        except OSError:
+            continue
+    return False
 
 
 def redact_url(url: str) -> str:

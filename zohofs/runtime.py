@@ -75,7 +75,7 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
             state = state_directory(os.environ)
             sources = [AccountSource(a, OAuthTokens(
                 client, a.accounts_url, a.credentials, name=a.name,
-                store=TokenStore(state, a.accounts_url, a.credentials.client_id)))
+                store=TokenStore(state, a.accounts_url, a.credentials)))
                 for a in config.accounts]
             tokens: dict[str, TokenSource] = {s.account.name: s.tokens for s in sources}
             if static:
@@ -86,7 +86,8 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
             fs = ZohoFS(reader, tokens, cache_size=config.cache_size,
                         max_request=config.block_size,
                         max_ahead=config.block_size * config.readahead_blocks,
-                        read_deadline=config.read_timeout, expand=config.expand)
+                        access=config.access, read_deadline=config.read_timeout,
+                        expand=config.expand)
             catalog = Catalog(fs, client, sources, static, api_version=config.api_version,
                               interval=config.listing_interval, trusted=config.trust_hosts,
                               on_demand_every=config.lookup_refresh_interval,

@@ -19,10 +19,14 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from zohofs.errors import SignInUnavailable
+
+if TYPE_CHECKING:
+    from zohofs.auth import Credentials
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +65,17 @@ def state_directory(env: Mapping[str, str]) -> Path:
 
 
 class TokenStore:
-    """The shared state of one client id at one accounts host, in ``directory``."""
+    """The shared state of one set of credentials at one accounts host, in ``directory``.
 
-    def __init__(self, directory: Path, accounts_url: str, client_id: str) -> None:
-        key = hashlib.sha256(f"{accounts_url}\0{client_id}".encode()).hexdigest()[:16]
+    The file is named by a digest of the accounts host, client id, client secret and
+    refresh token (none of them is stored): a token obtained with other credentials is
+    never used, so a wrong secret or refresh token fails at once whatever the store holds.
+    Zoho counts its limit per refresh token, and so does the store."""
+
+    def __init__(self, directory: Path, accounts_url: str, credentials: Credentials) -> None:
+        identity = "\0".join((accounts_url, credentials.client_id, credentials.client_secret,
+                               credentials.refresh_token))
+        key = hashlib.sha256(identity.encode()).hexdigest()[:32]
         self.path = directory / f"tokens-{key}.json"
         self._lock_path = directory / f"tokens-{key}.lock"
         self._directory = directory
