@@ -495,6 +495,10 @@ STATUS_XATTR = "user.zohofs.status"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        # Ctrl-C is how --watch ends, also when started from a shell that ignores SIGINT
+        # for its background jobs (Python then leaves it ignored).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while True:
             text = _status_text(args)
