@@ -19,19 +19,27 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
 from zohofs.errors import SignInUnavailable
 
-if TYPE_CHECKING:
-    from zohofs.auth import Credentials
-
 log = logging.getLogger(__name__)
 
 # Another process may hold the lock while it asks Zoho (one request, its deadline).
 LOCK_DEADLINE = 60.0
+
+
+class Credentials(Protocol):
+    """What names a store: auth.Credentials has these."""
+
+    @property
+    def client_id(self) -> str: ...
+    @property
+    def client_secret(self) -> str: ...
+    @property
+    def refresh_token(self) -> str: ...
 
 
 class StoreUnusable(Exception):
