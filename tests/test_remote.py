@@ -14,7 +14,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import zohofs.fs
+import zohofs.tree
 from tests.conftest import TOKEN
 from zohofs.auth import StaticToken
 from zohofs.config import MiB
@@ -27,11 +27,12 @@ from zohofs.errors import (
     ServerError,
     TransportError,
 )
-from zohofs.fs import GOOD_TIMEOUT, ROOT_INODE, ZohoFS
+from zohofs.fs import GOOD_TIMEOUT, ZohoFS
 from zohofs.hosts import HostPolicy
 from zohofs.planner import CHUNK
 from zohofs.remote import RangeReader, RetryPolicy
 from zohofs.transport import Transport
+from zohofs.tree import ROOT_INODE
 from zohofs.zoho import parse_link
 
 NAME = "Attachments_001.zip"
@@ -107,7 +108,7 @@ async def test_a_path_that_comes_back_keeps_its_inode_among_collisions(
         def digest(self) -> bytes:
             return (12345).to_bytes(8, "big")
 
-    monkeypatch.setattr(zohofs.fs, "hashlib", types.SimpleNamespace(blake2b=SameHash))
+    monkeypatch.setattr(zohofs.tree, "hashlib", types.SimpleNamespace(blake2b=SameHash))
     fs = fs_for(emulator, url, ahead=MiB)
     base = parse_link(url)
     a, b, c = (dataclasses.replace(base, name=n) for n in ("A.zip", "B.zip", "C.zip"))

@@ -18,7 +18,7 @@ from tests.conftest import MiB, MountFactory
 from tests.helpers import Mount, file_sha256, peak_rss_mib, sha256, wait_for
 from zohofs.emulator.backup import Backup
 from zohofs.emulator.server import Emulator, Fault
-from zohofs.fs import FAILED_PROBE_TTL
+from zohofs.tree import FAILED_PROBE_TTL
 
 JOB = "757345985/4876876000001594004"
 SOAK_SECONDS = 15.0

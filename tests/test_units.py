@@ -29,10 +29,10 @@ from zohofs.errors import (
     error_for_status,
     is_transient,
 )
-from zohofs.fs import stable_inode
 from zohofs.hosts import HostPolicy
 from zohofs.operations import handler
 from zohofs.remote import parse_content_range, parse_retry_after
+from zohofs.tree import stable_inode
 from zohofs.zoho import parse_link, read_links_file
 
 LINK = "https://download-accl.zoho.com/v2/crm/757345985/backup/4876876000001594004/Data_001.zip"

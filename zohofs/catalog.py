@@ -15,8 +15,9 @@ import trio
 from zohofs.auth import OAuthTokens
 from zohofs.config import Account
 from zohofs.errors import DiscoveryError, ZohofsError
-from zohofs.fs import ZohoFS
 from zohofs.hosts import DATA_CENTRES, HostPolicy
+from zohofs.probes import Prober
+from zohofs.tree import Tree
 from zohofs.zoho import BackupFile, list_backup, trusted_api_url
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,12 @@ class AccountSource:
 
 
 class Catalog:
-    def __init__(self, fs: ZohoFS, client: httpx.AsyncClient, sources: Sequence[AccountSource],
-                 static: Sequence[BackupFile], *, api_version: int, interval: float,
-                 trusted: frozenset[str], on_demand_every: float = 60.0,
-                 deadline: float = 60.0) -> None:
-        self._fs = fs
+    def __init__(self, tree: Tree, prober: Prober, client: httpx.AsyncClient,
+                 sources: Sequence[AccountSource], static: Sequence[BackupFile], *,
+                 api_version: int, interval: float, trusted: frozenset[str],
+                 on_demand_every: float = 60.0, deadline: float = 60.0) -> None:
+        self._tree = tree
+        self._prober = prober  # the sizes of new files are probed at once
         self._client = client
         self._sources = list(sources)
         self._static = list(static)
@@ -69,7 +71,7 @@ class Catalog:
                 for source in self._sources:
                     nursery.start_soon(self._list_one, source, errors)
             files = self._static + [f for s in self._sources for f in s.files or []]
-            await self._fs.set_files(files)
+            await self._prober.probe_all(self._tree.set_files(files))
             if not errors:
                 self._next = started + self._interval
             return errors

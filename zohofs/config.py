@@ -10,45 +10,30 @@ credentials (``$CREDENTIALS_DIRECTORY/zoho-client-id`` ...), environment variabl
 from __future__ import annotations
 
 import logging
-import math
 import os
-import re
 import ssl
 import stat
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zohofs.access import Access, parse_group, parse_octal, parse_user
+from zohofs.access import Access
 from zohofs.auth import Credentials
 from zohofs.errors import ConfigError
 from zohofs.hosts import DATA_CENTRES
-from zohofs.mountopts import fuse_option
+from zohofs.schema import ACCOUNT_KEYS as ACCOUNT_KEYS
+from zohofs.schema import CREDENTIAL_KEYS as CREDENTIAL_KEYS
+from zohofs.schema import DEFAULT_BLOCK_SIZE as DEFAULT_BLOCK_SIZE
+from zohofs.schema import LOG_LEVELS as LOG_LEVELS
+from zohofs.schema import SECRETS as SECRETS
+from zohofs.schema import SETTINGS as SETTINGS
+from zohofs.schema import MiB as MiB
+from zohofs.schema import parse_size as parse_size
+from zohofs.schema import validate
 
 log = logging.getLogger(__name__)
-
-MiB = 1 << 20
-# Measured (README, "Performance"): 8 MiB blocks keep a TLS connection busy long enough to
-# reach its full speed while a 256 MiB cache still holds 32 of them.
-DEFAULT_BLOCK_SIZE = 8 * MiB
-MIN_BLOCK_SIZE = 1 * MiB
-MAX_BLOCK_SIZE = 64 * MiB
-SECRETS = ("client_id", "client_secret", "refresh_token")
-
-_SIZE = re.compile(r"^(\d+)\s*([kKmMgG]?)(i?[bB])?$")
-
-
-def parse_size(text: str | int, default_unit: int = 1) -> int:
-    """``8M``, ``512k``, ``1G`` or a plain number (in ``default_unit``) to bytes."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text * default_unit
-    m = _SIZE.match(str(text).strip())
-    if not m:
-        raise ConfigError(f"not a size: {text!r} (try 8M or 512K)")
-    unit = {"": default_unit, "k": 1 << 10, "m": MiB, "g": 1 << 30}[m[2].lower()]
-    return int(m[1]) * unit
 
 
 @dataclass(frozen=True)
@@ -197,124 +182,6 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: {exc}") from exc
 
 
-# -- the schema ----------------------------------------------------------------------------
-
-def _string(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError("expected a non-empty string")
-    return value.strip()
-
-
-def _integer(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError("expected an integer")
-    return int(value)
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ValueError("expected a number")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError("expected a finite number")
-    return number
-
-
-def _boolean(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false",
-                                                     "no", "off"):
-        return value.lower() in ("1", "true", "yes", "on")
-    raise ValueError("expected true or false")
-
-
-def _strings(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [v for v in re.split(r"[,\s]+", value) if v]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError("expected a list of strings")
-    return tuple(v.strip() for v in value if v.strip())
-
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-def _log_level(value: Any) -> str:
-    level = _string(value).lower()
-    if level not in LOG_LEVELS:
-        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}")
-    return level
-
-
-def _fuse_options(value: Any) -> tuple[str, ...]:
-    return tuple(fuse_option(o) for o in _strings(value))
-
-
-def _dc(value: Any) -> str:
-    dc = _string(value).lower()
-    if dc not in DATA_CENTRES:
-        raise ValueError(f"unknown data centre (one of {', '.join(DATA_CENTRES)})")
-    return dc
-
-
-def _url(value: Any) -> str:
-    url = _string(value).rstrip("/")
-    if not re.match(r"^https?://[^/\s]+$", url):
-        raise ValueError("expected a base URL such as https://accounts.zoho.eu")
-    return url
-
-
-def _ranged(parse: Callable[[Any], Any], low: float, high: float = math.inf, *,
-            above: bool = False, unit: str = "") -> Callable[[Any], Any]:
-    """``parse`` then a range check (``above``: more than ``low``, not equal to it), so a
-    bad value is reported with its key and source."""
-    def shown(n: float) -> str:
-        return f"{n / MiB:g} MiB" if unit == "MiB" else f"{n:g}"
-
-    def check(value: Any) -> Any:
-        parsed = parse(value)
-        if parsed < low or parsed > high or (above and parsed == low):
-            bound = (f"between {shown(low)} and {shown(high)}" if high != math.inf
-                     else f"more than {shown(low)}" if above else f"at least {shown(low)}")
-            raise ValueError(f"must be {bound}, not {shown(parsed)}")
-        return parsed
-    return check
-
-
-SETTINGS: dict[str, Callable[[Any], Any]] = {
-    "dc": _dc, "accounts_url": _url, "api_url": _url, "api_version": _ranged(_integer, 1),
-    "listing_interval": _ranged(_number, 0, above=True),
-    "lookup_refresh_interval": _ranged(_number, 0),
-    "cache_size": _ranged(lambda v: parse_size(v, MiB), 2 * MIN_BLOCK_SIZE, unit="MiB"),
-    "block_size": _ranged(parse_size, MIN_BLOCK_SIZE, MAX_BLOCK_SIZE, unit="MiB"),
-    "readahead": _ranged(_integer, 0), "connections": _ranged(_integer, 1),
-    "timeout": _ranged(_number, 0, above=True), "read_timeout": _ranged(_number, 0, above=True),
-    "retries": _ranged(_integer, 1), "retry_delay": _ranged(_number, 0),
-    "page_cache": _boolean, "expand": _boolean,
-    "ca_file": _string, "trust_hosts": _strings, "fuse_options": _fuse_options, "links": _strings,
-    "links_file": _string,
-    "uid": parse_user, "gid": parse_group, "umask": parse_octal, "file_mode": parse_octal,
-    "dir_mode": parse_octal, "log_file": _string, "log_level": _log_level,
-}
-CREDENTIAL_KEYS = {k: _string for s in SECRETS for k in (s, f"{s}_file")}
-ACCOUNT_KEYS: dict[str, Callable[[Any], Any]] = {
-    "name": _string, "dc": _dc, "accounts_url": _url, "api_url": _url, **CREDENTIAL_KEYS}
-
-
-def _validate(table: Mapping[str, Any], schema: Mapping[str, Callable[[Any], Any]],
-              where: str) -> dict[str, Any]:
-    out = {}
-    for key, value in table.items():
-        if key not in schema:
-            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(schema))})")
-        try:
-            out[key] = schema[key](value)
-        except (ValueError, ConfigError) as exc:
-            raise ConfigError(f"{where}: bad value for {key!r}: {exc}") from None
-    return out
-
-
 # -- putting it together -------------------------------------------------------------------
 
 def find_secrets(sources: list[Mapping[str, str]], strict: bool) -> dict[str, str]:
@@ -380,7 +247,7 @@ def read_config_file(config_path: str | None, env: Mapping[str, str], strict: bo
     raw_accounts = file.pop("account", [])
     if not isinstance(raw_accounts, list) or not all(isinstance(a, dict) for a in raw_accounts):
         raise ConfigError(f"{where}: 'account' must be [[account]] tables")
-    top = _validate(file, {**SETTINGS, **CREDENTIAL_KEYS}, where)
+    top = validate(file, {**SETTINGS, **CREDENTIAL_KEYS}, where)
     if path and (any(top.get(s) for s in SECRETS)
                  or any(a.get(s) for a in raw_accounts for s in SECRETS)):
         _check_private(str(path), "config file with secrets", strict)
@@ -401,8 +268,8 @@ def build(flags: Mapping[str, Any], secret_flags: Mapping[str, str | None],
     for key in SETTINGS:  # ZOHOFS_CACHE_SIZE=512 and friends
         value = env.get(f"ZOHOFS_{key.upper()}")
         if value is not None and value != "":
-            settings.update(_validate({key: value}, SETTINGS, f"$ZOHOFS_{key.upper()}"))
-    settings.update(_validate({k: v for k, v in flags.items() if v is not None}, SETTINGS,
+            settings.update(validate({key: value}, SETTINGS, f"$ZOHOFS_{key.upper()}"))
+    settings.update(validate({k: v for k, v in flags.items() if v is not None}, SETTINGS,
                               "command line"))
 
     accounts: list[Account] = []
@@ -411,7 +278,7 @@ def build(flags: Mapping[str, Any], secret_flags: Mapping[str, str | None],
             raise ConfigError(f"{where} has [[account]] tables: give each account's secrets "
                               "there, not with --client-id-file and friends")
         for i, table in enumerate(raw_accounts, 1):
-            checked = _validate(table, ACCOUNT_KEYS, f"{where}, account {i}")
+            checked = validate(table, ACCOUNT_KEYS, f"{where}, account {i}")
             creds = _credentials([checked], f"{where}, account {i}", strict)
             if creds is None:
                 raise ConfigError(f"{where}, account {i}: no client_id/client_secret/"

@@ -67,3 +67,4 @@ def parse(words: Iterable[str], settings: Container[str]) -> MountOptions:
             else:
                 found.fuse.append(fuse_option(option))
     return found
+

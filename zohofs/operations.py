@@ -74,34 +74,40 @@ def entry(attr: Attr) -> pyfuse3.EntryAttributes:
     return e
 
 
-class Operations(pyfuse3.Operations):
-    def __init__(self, fs: ZohoFS, *, direct_io: bool = False) -> None:
-        super().__init__()
-        self.fs = fs
-        self.direct_io = direct_io
-        self._reply = bytearray()
+class KernelNotifier:
+    """Tells the kernel what it holds that is no longer true (tree.KernelCache), once
+    the mount is live."""
+
+    def __init__(self) -> None:
         # Set once the kernel's INIT request has been answered: settings the kernel takes
         # from that answer (such as readahead) can only be changed after it.
         self.initialised = trio.Event()
-        fs.on_removed = self._removed
-        fs.on_stale = self._stale
 
-    def init(self) -> None:
-        self.initialised.set()
-
-    def _removed(self, parent: int, name: str) -> None:
+    def removed(self, parent: int, name: str) -> None:
         # Without this the kernel would keep showing a backup that left the listing until
         # its entry timed out. Asynchronous: called from inside request handlers.
         if self.initialised.is_set():
             pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
 
-    def _stale(self, ino: int) -> None:
+    def stale(self, ino: int) -> None:
         # The kernel may hold pages and a size that are no longer true. Called from inside
         # the read that found out, whose pages the kernel keeps locked until we answer: a
         # synchronous invalidation there would wait for itself, so it runs in a thread.
         if self.initialised.is_set():
             threading.Thread(target=_invalidate_inode, args=(ino,), daemon=True,
                              name="zohofs-invalidate").start()
+
+
+class Operations(pyfuse3.Operations):
+    def __init__(self, fs: ZohoFS, kernel: KernelNotifier, *, direct_io: bool = False) -> None:
+        super().__init__()
+        self.fs = fs
+        self.kernel = kernel
+        self.direct_io = direct_io
+        self._reply = bytearray()
+
+    def init(self) -> None:
+        self.kernel.initialised.set()
 
     @handler
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:

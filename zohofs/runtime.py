@@ -23,9 +23,11 @@ from zohofs.errors import (
 from zohofs.fs import ZohoFS
 from zohofs.hosts import HostPolicy
 from zohofs.logs import redact_url
+from zohofs.probes import Prober
 from zohofs.remote import RangeReader, RetryPolicy
 from zohofs.tokenstore import TokenStore, state_directory
 from zohofs.transport import Transport
+from zohofs.tree import KernelCache, Tree
 from zohofs.zoho import BackupFile, dedupe, parse_link, read_links_file
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,10 @@ async def _log_answer(response: httpx.Response) -> None:
 
 
 @asynccontextmanager
-async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
+async def open_runtime(config: Config, kernel: KernelCache | None = None,
+                       ) -> AsyncIterator[Runtime]:
+    """The parts of a running zohofs; ``kernel`` hears what the kernel must forget
+    (none for `ls`, which mounts nothing)."""
     static = explicit_links(config)
     if not static and not config.accounts:
         raise ConfigError("nothing to mount: configure a Zoho account (client id, client "
@@ -83,16 +88,21 @@ async def open_runtime(config: Config) -> AsyncIterator[Runtime]:
             reader = RangeReader(transport, HostPolicy(config.trust_hosts),
                                  RetryPolicy(config.retries, config.retry_base_delay),
                                  config.connections, request_deadline=config.timeout)
+            # The catalog keeps the tree in step with Zoho's listing; the filesystem asks
+            # it again for a name that is not there (yet).
+            tree = Tree(expand=config.expand, kernel=kernel)
+            prober = Prober(reader, tokens, config.read_timeout)
+            catalog = Catalog(tree, prober, client, sources, static,
+                              api_version=config.api_version,
+                              interval=config.listing_interval, trusted=config.trust_hosts,
+                              on_demand_every=config.lookup_refresh_interval,
+                              deadline=config.read_timeout)
             fs = ZohoFS(reader, tokens, cache_size=config.cache_size,
                         max_request=config.block_size,
                         max_ahead=config.block_size * config.readahead_blocks,
                         access=config.access, read_deadline=config.read_timeout,
-                        expand=config.expand)
-            catalog = Catalog(fs, client, sources, static, api_version=config.api_version,
-                              interval=config.listing_interval, trusted=config.trust_hosts,
-                              on_demand_every=config.lookup_refresh_interval,
-                              deadline=config.read_timeout)
-            fs.on_miss = catalog.refresh_for
+                        kernel=kernel, tree=tree, prober=prober,
+                        on_miss=catalog.refresh_for)
             yield Runtime(fs, catalog, sources)
         finally:
             transport.close()

@@ -1,0 +1,236 @@
+"""The inode tree: ``/<zgid>/<job-id>/<file>``, and with ``--expand`` the folders that
+show what each zip holds. Nodes, stable inode numbers, adding and removing entries.
+
+No I/O here: what a node knows of its server (probes) and of its bytes (reads) is
+filled in by the modules above it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Container, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from zohofs.errors import NoSuchEntry, ZohofsError
+from zohofs.remote import RemoteInfo, WholeFileStream
+from zohofs.zipindex import Member
+from zohofs.zoho import BackupFile
+
+ROOT_INODE = 1
+# A failed probe is not repeated sooner than this: the kernel serialises lookups of one
+# name, so without it N readers of a failing file would probe it N times in a row.
+FAILED_PROBE_TTL = 1.0
+
+
+class KernelCache(Protocol):
+    """What the kernel holds of the tree and must be told to forget (operations.py
+    implements it; without a kernel, nothing to tell)."""
+
+    def removed(self, parent: int, name: str) -> None:
+        """The entry ``name`` of ``parent`` left the tree, or changed."""
+
+    def stale(self, ino: int) -> None:
+        """The size and pages the kernel holds of ``ino`` may be wrong."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """What a probe or an index read last failed with, and when. Callers that queued
+    behind it, or come right after it, share it instead of asking a failing server one
+    after another."""
+
+    error: ZohofsError
+    at: float = field(default_factory=trio.current_time)
+
+    def recent(self) -> bool:
+        return trio.current_time() - self.at < FAILED_PROBE_TTL
+
+
+@dataclass(eq=False)
+class ArchiveView:
+    """The directory ``X/`` that shows the members of ``X.zip`` (``--expand``), filled
+    when someone first looks inside, again when the archive changed."""
+
+    archive: int  # the inode of X.zip
+    root: int  # the inode of X/
+    version: Hashable = None  # of the archive whose members the directory shows now
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    failure: Failure | None = None  # of the last index read
+
+
+@dataclass(eq=False, slots=True)
+class Node:
+    ino: int
+    name: str
+    parent: int
+    file: BackupFile | None = None  # None for directories and members
+    member: Member | None = None  # a file inside an archive (--expand)
+    view: ArchiveView | None = None  # on X/ and on each folder and member in it
+    children: dict[str, int] = field(default_factory=dict)
+    # The children sorted by inode, for readdir; None since they last changed.
+    listing: list[tuple[int, str]] | None = None
+    info: RemoteInfo | None = None
+    # ``info`` is the last good probe. Once it is in doubt (the file changed, a read
+    # found the server inconsistent) the next stat or open probes again, but until then
+    # the attributes keep showing it: a size of 0 handed to the kernel (readdirplus
+    # updates open files' sizes too) would cut every open reader short.
+    stale: bool = False
+    failure: Failure | None = None  # of the last probe
+    # Locks are made on first use: an expanded archive can add 100 000 nodes that never
+    # need one (a lock is ~340 bytes).
+    probe_lock: trio.Lock | None = None
+    # The version whose pages the kernel may hold (page-cache mode): a new version's first
+    # open must make the kernel drop them.
+    kernel_version: Hashable | None = None
+    # Only for servers that ignore Range: the whole-file answer being read, and its lock.
+    stream: WholeFileStream | None = None
+    stream_lock: trio.Lock | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.file is None and self.member is None
+
+
+def view_name(file_name: str) -> str | None:
+    """The folder that shows a zip's members (``--expand``): the zip's name without
+    ``.zip``; None for anything else."""
+    return file_name[:-4] if file_name.endswith(".zip") else None
+
+
+def stable_inode(path: str, taken: Container[int]) -> int:
+    """An inode number derived from the path, so it is the same on every mount.
+
+    Backup tools compare inode numbers between runs; the mount time must not change them.
+    """
+    digest = int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "big")
+    ino = (digest & (2**63 - 1)) or 2
+    while ino <= ROOT_INODE or ino in taken:  # a 63-bit collision: still deterministic
+        ino = (ino + 1) & (2**63 - 1)
+    return ino
+
+
+class Tree:
+    """Every node ever made, by inode: one whose path comes back keeps its number."""
+
+    def __init__(self, *, expand: bool = False, kernel: KernelCache | None = None) -> None:
+        self._expand = expand
+        self._kernel = kernel
+        self._nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, "", ROOT_INODE)}
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def node(self, ino: int) -> Node:
+        try:
+            return self._nodes[ino]
+        except KeyError:
+            raise NoSuchEntry(f"no inode {ino}") from None
+
+    def add_files(self, files: Iterable[BackupFile]) -> list[Node]:
+        """Put files into the tree (updating the link of those already there); the nodes
+        that are new."""
+        added = []
+        for f in files:
+            parent = self._nodes[ROOT_INODE]
+            for part in (f.zgid, f.job_id):
+                parent = self.child(parent, part, None)
+            known = f.name in parent.children
+            node = self.child(parent, f.name, f)
+            node.file = f  # maybe a fresh link (or expiry) for a file we had
+            if not known:
+                added.append(node)
+                folder = view_name(f.name)
+                if self._expand and folder is not None:
+                    view = self.child(parent, folder, None)
+                    view.view = view.view or ArchiveView(node.ino, view.ino)
+        return added
+
+    def set_files(self, files: Iterable[BackupFile]) -> list[Node]:
+        """Make the tree show exactly ``files``; the nodes that are new.
+
+        Entries that left the listing leave the tree, but their inodes stay valid, so open
+        files keep reading while their link lasts.
+        """
+        files = list(files)
+        wanted = {f.path for f in files}
+        for node in self.files:
+            if node.file is not None and node.file.path not in wanted:
+                self.detach(node)
+        return self.add_files(files)
+
+    def detach(self, node: Node) -> None:
+        parent = self._nodes[node.parent]
+        folder = view_name(node.name) if node.file is not None else None
+        if folder is not None:
+            view = self._nodes.get(parent.children.get(folder, 0))
+            if view is not None and view.view is not None:
+                self.detach(view)  # the archive left: so does the view into it
+        if parent.children.get(node.name) == node.ino:
+            del parent.children[node.name]
+            parent.listing = None
+            self.removed(parent.ino, node.name)
+            if not parent.children and parent.ino != ROOT_INODE:
+                self.detach(parent)
+
+    def removed(self, parent: int, name: str) -> None:
+        """Tell the kernel that ``name`` in ``parent`` left or changed."""
+        if self._kernel is not None:
+            self._kernel.removed(parent, name)
+
+    def child(self, parent: Node, name: str, file: BackupFile | None) -> Node:
+        """The node ``name`` of ``parent``, made (at its stable inode) if missing."""
+        ino = parent.children.get(name)
+        if ino is not None:
+            return self._nodes[ino]
+        path = file.path if file else self._path(parent, name)
+        # The inode a node of this path has, or will have: the path's own number, past
+        # those that other paths hold. No table of paths: a member costs less.
+        ino = stable_inode(path, _HeldByOthers(self, path))
+        node = self._nodes.get(ino)
+        if node is None:
+            node = self._nodes[ino] = Node(ino, name, parent.ino, file)
+        parent.children[name] = node.ino
+        parent.listing = None
+        return node
+
+    def _path(self, parent: Node, name: str) -> str:
+        parts = [name]
+        while parent.ino != ROOT_INODE:
+            parts.append(parent.name)
+            parent = self._nodes[parent.parent]
+        return "/".join(reversed(parts)) + "/"
+
+    def path_of(self, ino: int) -> str | None:
+        """The path ``child`` gave the node at ``ino`` (a file's own, a folder's or
+        member's with a trailing slash), None for a free inode."""
+        node = self._nodes.get(ino)
+        if node is None:
+            return None
+        return node.file.path if node.file else self._path(self._nodes[node.parent], node.name)
+
+    @property
+    def files(self) -> list[Node]:
+        """The files in the tree now (not those that left it)."""
+        return [n for n in self._nodes.values() if n.file is not None and self.attached(n)]
+
+    def attached(self, node: Node) -> bool:
+        while node.ino != ROOT_INODE:
+            parent = self._nodes[node.parent]
+            if parent.children.get(node.name) != node.ino:
+                return False
+            node = parent
+        return True
+
+
+class _HeldByOthers:
+    """The inodes that nodes of other paths hold, for :func:`stable_inode`."""
+
+    def __init__(self, tree: Tree, path: str) -> None:
+        self._tree = tree
+        self._path = path
+
+    def __contains__(self, ino: object) -> bool:
+        return isinstance(ino, int) and self._tree.path_of(ino) not in (None, self._path)
