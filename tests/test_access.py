@@ -26,6 +26,7 @@ from zohofs.access import Access, parse_group, parse_octal
 from zohofs.config import SETTINGS
 from zohofs.emulator.backup import Backup
 from zohofs.emulator.server import EmulatedAccount, Emulator
+from zohofs.logs import file_handler
 from zohofs.mountopts import parse
 
 JOB = "757345985/4876876000001594004"
@@ -73,18 +74,21 @@ def test_modes_default_to_the_owner_alone_and_follow_umask_and_explicit_modes() 
     # the admin's choice, whatever the zip says.
     assert group.member_mode(0o555) == 0o550 and group.member_mode(0o444) == 0o440
     assert group.member_mode(0o400) == 0o440 and default.member_mode(0o444) == 0o400
-    assert "every local user" in Access.from_settings(umask=0o022).readers()
+    assert "every local user" in Access.from_settings(umask=0o022).readers(("allow_other",))
 
 
 def test_octal_modes_and_ids_are_parsed_or_refused_with_a_reason() -> None:
     assert parse_octal("027") == parse_octal("0o027") == 0o27
     with pytest.raises(ValueError, match="string of octal digits"):
         parse_octal(27)  # TOML's umask = 27 is decimal: never guessed
-    with pytest.raises(ValueError, match="not an octal mode"):
-        parse_octal("0x1f")
+    for bad in ("0x1f", "+27", "0_27", "-27", "8"):
+        with pytest.raises(ValueError, match="not an octal mode"):
+            parse_octal(bad)
     assert parse_group("0") == 0 and parse_group("root") == 0
     with pytest.raises(ValueError, match="no group named"):
         parse_group("no-such-group-here")
+    with pytest.raises(ValueError, match="no group named"):
+        parse_group("\u0661")  # a digit, but not an ASCII one
 
 
 def test_one_reading_of_mount_options_for_the_command_line_and_fstab() -> None:
@@ -95,8 +99,12 @@ def test_one_reading_of_mount_options_for_the_command_line_and_fstab() -> None:
     assert options.settings == {"expand": "true", "uid": "0", "gid": "root", "umask": "027",
                                 "cache_size": "512"}
     assert options.fuse == ["allow_other", "noatime"]
-    with pytest.raises(ValueError, match="unknown mount option 'max_read=131072'"):
+    with pytest.raises(ValueError, match="unknown mount option 'max_read'"):
         parse(["max_read=131072"], SETTINGS)
+    # A secret given as an option by mistake is not repeated in the error.
+    with pytest.raises(ValueError) as refused:
+        parse(["client_secret=1000.s3cr3t"], SETTINGS)
+    assert "s3cr3t" not in str(refused.value)
     # mount(8)'s own defaults: zohofs mounts nosuid and nodev whatever they say.
     assert parse(["rw,dev,suid"], SETTINGS).fuse == []
     with pytest.raises(ValueError, match="needs a value"):
@@ -151,12 +159,37 @@ def test_allow_other_for_everyone_is_a_warning(
     m.expect_log("every local user can now read the backup")
     read = as_user(OUTSIDER, [], "cat", str(m.path / JOB / "Data_001.zip"))
     assert read.returncode == 0 and read.stdout == backup.files["Data_001.zip"]
-    assert "WARNING zohofs.access: allow_other with mode 0444: every local user" in m.log
+    assert "WARNING zohofs.access: allow_other with files mode 0444: every local user" in m.log
+
+
+def test_what_the_options_mean_is_said_when_it_is_not_what_it_seems(
+        caplog: pytest.LogCaptureFixture) -> None:
+    me = os.getuid()
+    cases = [
+        # (access, fuse options, a warning that must appear, or None for none)
+        (Access.from_settings(gid=GROUP, umask=0o027), (), "without allow_other FUSE lets"),
+        (Access.from_settings(umask=0o022), (), "without allow_other FUSE lets"),
+        (Access.from_settings(uid=READER), ("allow_other",), None),  # the README's recipe
+        (Access.from_settings(gid=GROUP, umask=0o027), ("allow_other",), None),
+        (Access.from_settings(), ("allow_other",), "allow_other has no effect"),
+        (Access.from_settings(gid=GROUP, file_mode=0o440, dir_mode=0o555), ("allow_other",),
+         "every local user can list the names"),
+        (Access.from_settings(), (), None),
+    ]
+    for access, options, warning in cases:
+        caplog.clear()
+        access.check(options)
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert (warned == []) if warning is None else (warning in " ".join(warned)), (
+            access, options, warned)
+    assert Access.from_settings(uid=READER).readers(()) .startswith("user ")
+    assert f"({me}) alone" in Access.from_settings(uid=READER).readers(())
 
 
 def test_flags_and_config_keys_set_owner_and_modes(
         oauth_mount: MountFactory) -> None:
-    m = oauth_mount("--uid", str(READER), "--file-mode", "0440", name="flags",
+    m = oauth_mount("--uid", str(READER), "--file-mode", "0440", "-o", "allow_other",
+                    name="flags",
                     extra=f'gid = "{GROUP}"\ndir_mode = "0550"')
     st = (m.path / JOB / "Data_001.zip").stat()
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (READER, GROUP, 0o440)
@@ -197,7 +230,7 @@ def test_every_readme_option_mounts_from_fstab_and_from_the_command_line(
 
 
 @pytest.mark.parametrize("option, message", [
-    ("max_read=131072", "unknown mount option 'max_read=131072'"),
+    ("max_read=131072", "unknown mount option 'max_read'"),
     ("blkdev", "unknown mount option 'blkdev'"),
     ("umask=99", "not an octal mode"),
 ])
@@ -295,6 +328,40 @@ def test_log_file_and_log_level(oauth_mount: MountFactory, tmp_path: Path) -> No
     assert "mounted 4 files" in text and "DEBUG" in text and "unmounted" in text
     assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
     assert "mounted 4 files" not in m.log  # the file, not the terminal
+
+
+def test_a_log_file_others_can_read_is_a_warning(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "open.log"
+    path.write_text("")
+    path.chmod(0o644)
+    file_handler(str(path)).close()
+    assert "readable by group or others (mode 644)" in caplog.text
+    caplog.clear()
+    file_handler(str(tmp_path / "new.log")).close()
+    assert stat.S_IMODE((tmp_path / "new.log").stat().st_mode) == 0o600
+    assert not caplog.text
+
+
+def test_an_inherited_journal_stream_is_not_the_journal(
+        emulator: Emulator, account: EmulatedAccount, tmp_path: Path,
+        private_token_store: Path) -> None:
+    """A JOURNAL_STREAM that names another stream (a terminal started by a systemd user
+    service passes it on) must not make a background mount log to our stderr."""
+    cfg = write_config(tmp_path / "c.toml", emulator, account)
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    started_mounts_add(mnt)
+    result = subprocess.run(
+        [sys.executable, "-m", "zohofs", "mount", str(mnt), "--background", "--config",
+         str(cfg), *common_args(emulator)], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "JOURNAL_STREAM": "8:12345"})
+    try:
+        assert result.returncode == 0, result.stderr
+        assert "zohofs: logging to" in result.stderr
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, check=False)
+    wait_for(lambda: not is_mounted(mnt), 10, "the unmount")
 
 
 # -- the shipped service ---------------------------------------------------------------

@@ -13,6 +13,7 @@ import grp
 import logging
 import os
 import pwd
+import re
 import stat
 from dataclasses import dataclass
 from typing import Any
@@ -33,11 +34,10 @@ def parse_octal(value: Any) -> int:
     if not isinstance(value, str):
         raise ValueError('write it as a string of octal digits, e.g. "027"')
     text = value.strip().lower().removeprefix("0o")
-    try:
-        number = int(text, 8)
-    except ValueError:
-        raise ValueError(f"not an octal mode: {value!r}") from None
-    if not 0 <= number <= 0o777:
+    if not re.fullmatch(r"[0-7]{1,4}", text):
+        raise ValueError(f"not an octal mode: {value!r} (e.g. \"027\")")
+    number = int(text, 8)
+    if number > 0o777:
         raise ValueError(f"{value!r} is more than 0777")
     return number
 
@@ -55,7 +55,7 @@ def parse_group(value: Any) -> int:
 def _parse_id(value: Any, by_name: Any, what: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
-    elif isinstance(value, str) and value.strip().isdigit():
+    elif isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()):
         number = int(value)
     elif isinstance(value, str) and value.strip():
         try:
@@ -95,8 +95,11 @@ class Access:
         whoever made the zip: its read bits are not consulted."""
         return self.file_mode | (zip_mode & self.dir_mode & 0o111)
 
-    def readers(self) -> str:
-        """Who can read a file, in words, for the log line at mount time."""
+    def readers(self, fuse_options: tuple[str, ...]) -> str:
+        """Who can read a file, in words, for the log line at mount time. Without
+        ``allow_other`` FUSE lets only the mounting user in, whatever the modes say."""
+        if "allow_other" not in fuse_options:
+            return f"user {_user_name(os.getuid())} alone (no allow_other)"
         who = [f"user {_user_name(self.uid)}"] if self.file_mode & stat.S_IRUSR else []
         if self.file_mode & stat.S_IRGRP:
             who.append(f"group {_group_name(self.gid)}")
@@ -104,18 +107,25 @@ class Access:
             who.append("every local user")
         return ", ".join(who) or "nobody but root"
 
-    def check_allow_other(self, fuse_options: tuple[str, ...]) -> None:
-        """Say out loud what ``allow_other`` does with these modes."""
+    def check(self, fuse_options: tuple[str, ...]) -> None:
+        """Say out loud when the options do something other than the admin may think."""
+        widened = bool(self.file_mode & (stat.S_IRGRP | stat.S_IROTH)) or self.uid != os.getuid()
         if "allow_other" not in fuse_options:
-            return
-        if self.file_mode & stat.S_IROTH or self.dir_mode & stat.S_IROTH:
-            log.warning("allow_other with mode %04o: every local user can now read the "
+            if widened:
+                log.warning("without allow_other FUSE lets only %s in: the uid=, gid= and "
+                            "mode options give no one else access; add -o allow_other",
+                            _user_name(os.getuid()))
+        elif self.file_mode & stat.S_IROTH:
+            log.warning("allow_other with files mode %04o: every local user can now read the "
                         "backup; give gid=GROUP and umask=027 to let one group in instead",
                         self.file_mode)
-        elif not self.file_mode & stat.S_IRGRP:
+        elif self.dir_mode & stat.S_IROTH:
+            log.warning("allow_other with folders mode %04o: every local user can list the "
+                        "names of the backup's files (not read them)", self.dir_mode)
+        elif not widened:
             log.warning("allow_other has no effect with mode %04o: only %s can read; give "
                         "gid=GROUP and umask=027 to let a group in", self.file_mode,
-                        self.readers())
+                        self.readers(fuse_options))
 
 
 def _user_name(uid: int) -> str:

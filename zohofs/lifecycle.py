@@ -23,7 +23,7 @@ from zohofs import mountopts, systemd
 from zohofs.config import Config
 from zohofs.diagnose import dump_on_usr1
 from zohofs.errors import ConfigError, ZohofsError
-from zohofs.logs import background_handler
+from zohofs.logs import background_handler, stderr_is_journal
 from zohofs.operations import KernelNotifier, Operations
 from zohofs.runtime import fatal_sign_in_errors, open_runtime
 from zohofs.tokenstore import state_directory
@@ -114,9 +114,9 @@ async def serve(config: Config, on_ready: Callable[[], Awaitable[None]] | None =
             raise ConfigError(f"cannot mount on {config.mountpoint}: {exc}") from exc
         access = config.access
         log.info("mounted %d files on %s; who can read them: %s (files %04o, folders %04o)",
-                 len(runtime.fs.files), config.mountpoint, access.readers(),
-                 access.file_mode, access.dir_mode)
-        access.check_allow_other(config.fuse_options)
+                 len(runtime.fs.files), config.mountpoint,
+                 access.readers(config.fuse_options), access.file_mode, access.dir_mode)
+        access.check(config.fuse_options)
         # Signals are watched from here until the unmount is done: a second SIGTERM (init
         # systems and `timeout` both send more than one) must not kill us mid-unmount and
         # leave a dead mount behind. pyfuse3 installs no handlers of its own.
@@ -220,7 +220,7 @@ def _log_in_background(cfg: Config) -> None:
     """Soon nobody reads our terminal: log to the file asked for, to journald (started
     by systemd), else to syslog, else to a file in the state directory; until the mount
     is live, to the terminal as well."""
-    if cfg.log_file or os.environ.get("JOURNAL_STREAM"):
+    if cfg.log_file or stderr_is_journal():
         return
     handler, where = background_handler(state_directory(os.environ))
     logging.getLogger().addHandler(handler)
@@ -229,7 +229,7 @@ def _log_in_background(cfg: Config) -> None:
 
 def _detach_output() -> None:
     """Let nothing reach the terminal; under systemd stderr is the journal: kept."""
-    if os.environ.get("JOURNAL_STREAM"):
+    if stderr_is_journal():
         return
     root = logging.getLogger()
     root.handlers[:] = [h for h in root.handlers if type(h) is not logging.StreamHandler]

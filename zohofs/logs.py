@@ -35,7 +35,7 @@ def setup(debug: bool, level: str | None = None, log_file: str | None = None) ->
         handler = file_handler(log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)
-        if os.environ.get("JOURNAL_STREAM"):
+        if stderr_is_journal():
             handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
         else:
             handler.setFormatter(logging.Formatter(_PLAIN))
@@ -49,14 +49,32 @@ def setup(debug: bool, level: str | None = None, log_file: str | None = None) ->
     logging.getLogger("pyfuse3").setLevel(logging.DEBUG if debug else logging.INFO)
 
 
+def stderr_is_journal() -> bool:
+    """Whether our stderr is journald's stream (systemd says which in $JOURNAL_STREAM,
+    as device:inode); a variable merely inherited from a parent that systemd started
+    does not count."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
 def file_handler(path: str) -> logging.Handler:
     """Appends to ``path``, created mode 0600 (names of members are customer data); a
     file rotated away by logrotate is reopened."""
     try:
-        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        mode = os.fstat(fd).st_mode
+        os.close(fd)
         handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot write the log file {path}: {exc.strerror or exc}") from None
+    if mode & 0o077:
+        logging.getLogger(__name__).warning(
+            "the log file %s is readable by group or others (mode %o): it will hold names "
+            "of backup files; chmod 600 it", path, mode & 0o777)
     handler.setFormatter(logging.Formatter("%(asctime)s zohofs[%(process)d] %(levelname)s "
                                            "%(name)s: %(message)s"))
     return handler

@@ -42,7 +42,9 @@ def fuse_option(option: str) -> str:
     """``option`` if it is a FUSE option zohofs passes on; else ValueError saying why."""
     if option in FUSE_OPTIONS:
         return option
-    raise ValueError(f"unknown mount option {option!r} (FUSE options zohofs takes: "
+    # The name alone: a secret given as an option by mistake must not reach the log.
+    raise ValueError(f"unknown mount option {option.partition('=')[0]!r} (FUSE options "
+                     f"zohofs takes: "
                      f"{', '.join(sorted(FUSE_OPTIONS))}; and its own settings, e.g. "
                      "expand, uid=, gid=, umask=, config=)")
 
