@@ -20,7 +20,7 @@ from zohofs.errors import BadArchive, NoSuchEntry, ZohofsError
 from zohofs.probes import Prober
 from zohofs.stats import FileActivity
 from zohofs.tree import Failure, Node, Tree, view_name
-from zohofs.zipindex import Member
+from zohofs.zipindex import HeaderMismatch, Member
 from zohofs.zipread import MemberReader, member_reader
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,20 @@ class Expander:
                 tree.removed(parent_ino, name)
 
     async def open(self, node: Node) -> OpenMember:
-        """A member opened for reading, over a handle of the archive's current version."""
+        """A member opened for reading, over a handle of the archive's current version.
+
+        A local header that disagrees with the index means the index is not the
+        archive's any more (replaced on a server that sends no validators, where the
+        view cannot tell) or the archive is damaged: the index is read again, once."""
+        assert node.view is not None
+        try:
+            return await self._open(node)
+        except HeaderMismatch as exc:
+            log.warning("%s; reading the archive's index again", exc)
+            node.view.version = None
+        return await self._open(node)
+
+    async def _open(self, node: Node) -> OpenMember:
         assert node.view is not None
         await self.expanded(node)  # the archive may have changed
         member = node.member
@@ -171,9 +184,14 @@ class Expander:
 
     async def read(self, member: OpenMember, offset: int, size: int) -> list[memoryview]:
         reader, inflated = member.reader, member.reader.inflated
-        with deadline(self._blocks.read_deadline, reader.name, "reading %d bytes at %d",
-                      size, offset):
-            pieces = await reader.read(member.source, offset, size)
+        try:
+            with deadline(self._blocks.read_deadline, reader.name, "reading %d bytes at %d",
+                          size, offset):
+                pieces = await reader.read(member.source, offset, size)
+        except BadArchive:
+            # Pages the kernel kept of a member now known damaged are no data either.
+            self._tree.stale(member.node)
+            raise
         self._blocks.stats.bytes_inflated += reader.inflated - inflated
         member.activity.read(offset, sum(len(p) for p in pieces))
         return pieces

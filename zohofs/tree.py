@@ -180,6 +180,13 @@ class Tree:
         if self._kernel is not None:
             self._kernel.removed(parent, name)
 
+    def stale(self, node: Node) -> None:
+        """Make the kernel drop what it holds of ``node``'s pages, now and at its next
+        open."""
+        node.kernel_version = None
+        if self._kernel is not None:
+            self._kernel.stale(node.ino)
+
     def child(self, parent: Node, name: str, file: BackupFile | None) -> Node:
         """The node ``name`` of ``parent``, made (at its stable inode) if missing."""
         ino = parent.children.get(name)

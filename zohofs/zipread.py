@@ -15,6 +15,8 @@ over from the member's first byte.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import zlib
 from collections.abc import Hashable
 from typing import Protocol
@@ -81,14 +83,16 @@ def member_reader(name: str, member: Member, data_offset: int, archive_size: int
 
 
 class StoredReader(MemberReader):
-    """Stored bytes are the archive's: reads map straight onto it. The CRC-32 follows the
-    bytes read from the start in order (also when the kernel's reads arrive slightly out of
-    order: what is cached past the verified prefix is taken from the cache)."""
+    """Stored bytes are the archive's: reads map straight onto it. The CRC-32 is checked
+    once every byte has passed, in whatever order the reads came: each run of bytes read
+    back to back keeps its CRC-32, runs that meet are joined (crc32_combine), and a run
+    from the first byte to the last is the member's."""
 
     def __init__(self, name: str, member: Member, data_offset: int) -> None:
         super().__init__(name, member, data_offset)
-        self._verified = 0
-        self._crc = 0
+        self._starts: list[int] = []  # of the runs, sorted; they neither overlap nor touch
+        self._runs: dict[int, tuple[int, int]] = {}  # start -> (end, CRC-32 of the run)
+        self._checked = False
 
     async def read(self, source: ArchiveSource, offset: int, size: int) -> list[memoryview]:
         if self.failed is not None:
@@ -97,28 +101,87 @@ class StoredReader(MemberReader):
         if offset >= end:
             return []
         pieces = await source.read(self.data_offset + offset, end - offset)
-        if offset <= self._verified < end:
-            at = offset
-            for piece in pieces:
-                skip = max(0, self._verified - at)
-                if skip < len(piece):
-                    self._crc = zlib.crc32(piece[skip:], self._crc)
-                at += len(piece)
-            self._verified = end
-            self._follow_cache(source)
-            if self._verified == self.member.size and self._crc != self.member.crc:
-                raise self._fail(f"CRC-32 mismatch (the archive says {self.member.crc:08x}, "
-                                 f"its bytes give {self._crc:08x}): the archive is damaged")
+        if not self._checked:
+            self._follow(pieces, offset, end)
+            whole = self._runs.get(0)
+            if whole is not None and whole[0] == self.member.size:
+                self._checked, self._starts, self._runs = True, [], {}
+                if whole[1] != self.member.crc:
+                    raise self._fail(f"CRC-32 mismatch (the archive says "
+                                     f"{self.member.crc:08x}, its bytes give "
+                                     f"{whole[1]:08x}): the archive is damaged")
         return pieces
 
-    def _follow_cache(self, source: ArchiveSource) -> None:
-        while self._verified < self.member.size:
-            data = source.peek(self.data_offset + self._verified)
-            if data is None:
-                return
-            data = data[:self.member.size - self._verified]
-            self._crc = zlib.crc32(data, self._crc)
-            self._verified += len(data)
+    def _follow(self, pieces: list[memoryview], offset: int, end: int) -> None:
+        """Add the bytes of ``[offset, end)`` that no run holds yet to the runs."""
+        at = offset
+        while at < end:
+            i = bisect.bisect_right(self._starts, at) - 1
+            if i >= 0 and self._runs[self._starts[i]][0] > at:  # inside a run: known
+                at = self._runs[self._starts[i]][0]
+                continue
+            gap_end = min(end, self._starts[i + 1]) if i + 1 < len(self._starts) else end
+            self._add(at, gap_end, _crc_of(pieces, offset, at, gap_end))
+            at = gap_end
+
+    def _add(self, start: int, end: int, crc: int) -> None:
+        """A new run, joined with the runs it touches on either side."""
+        before = bisect.bisect_left(self._starts, start) - 1
+        if before >= 0 and self._runs[self._starts[before]][0] == start:
+            first = self._starts[before]
+            start, crc = first, crc32_combine(self._runs[first][1], crc, end - start)
+        else:
+            bisect.insort(self._starts, start)
+        after = self._runs.pop(end, None)
+        if after is not None:
+            self._starts.remove(end)
+            crc, end = crc32_combine(crc, after[1], after[0] - end), after[0]
+        self._runs[start] = (end, crc)
+
+
+def _crc_of(pieces: list[memoryview], offset: int, start: int, end: int) -> int:
+    """The CRC-32 of bytes ``[start, end)`` of ``pieces``, which begin at ``offset``."""
+    crc, at = 0, offset
+    for piece in pieces:
+        low, high = max(start, at), min(end, at + len(piece))
+        if low < high:
+            crc = zlib.crc32(piece[low - at:high - at], crc)
+        at += len(piece)
+    return crc
+
+
+def _times(matrix: list[int], vector: int) -> int:
+    out, bit = 0, 0
+    while vector:
+        if vector & 1:
+            out ^= matrix[bit]
+        vector >>= 1
+        bit += 1
+    return out
+
+
+@functools.cache
+def _zeros(power: int) -> list[int]:
+    """The linear map (over GF(2)) that 2**power zero bytes make of a CRC-32 register:
+    zlib's crc32_combine, one power of two at a time."""
+    if power == 0:
+        bit = [0xEDB88320] + [1 << n for n in range(31)]  # one zero bit
+        for _ in range(3):
+            bit = [_times(bit, column) for column in bit]
+        return bit
+    half = _zeros(power - 1)
+    return [_times(half, column) for column in half]
+
+
+def crc32_combine(first: int, second: int, second_length: int) -> int:
+    """The CRC-32 of A followed by B, from A's and B's (B being ``second_length`` long)."""
+    power = 0
+    while second_length:
+        if second_length & 1:
+            first = _times(_zeros(power), first)
+        second_length >>= 1
+        power += 1
+    return first ^ second
 
 
 class _Cursor:
@@ -145,11 +208,15 @@ class DeflatedReader(MemberReader):
         self._cursor: _Cursor | None = None
 
     async def read(self, source: ArchiveSource, offset: int, size: int) -> list[memoryview]:
+        if self.failed is not None:  # known damaged: what was inflated before is no data
+            raise self.failed
         end = min(offset + size, self.member.size)
         if offset >= end:
             return []
         wanted = chunk_range(offset, end)
         pieces = [await self._chunk(source, i) for i in wanted]
+        if self.failed is not None:  # found out while this read was waiting
+            raise self.failed
         return slice_chunks(pieces, wanted.start, offset, end)
 
     async def _chunk(self, source: ArchiveSource, index: int) -> memoryview:
