@@ -38,9 +38,14 @@ class Catalog:
     def __init__(self, tree: Tree, prober: Prober, client: httpx.AsyncClient,
                  sources: Sequence[AccountSource], static: Sequence[BackupFile], *,
                  api_version: int, interval: float, trusted: frozenset[str],
-                 on_demand_every: float = 60.0, deadline: float = 60.0) -> None:
+                 on_demand_every: float = 60.0, deadline: float = 60.0,
+                 probe_wait: float = math.inf) -> None:
         self._tree = tree
-        self._prober = prober  # the sizes of new files are probed at once
+        # The sizes of new files are probed at once; a listing waits ``probe_wait`` for
+        # them at most (those not done then are probed on access): a silent download host
+        # must not hold up the mount's start, nor lookups of new names.
+        self._prober = prober
+        self._probe_wait = probe_wait
         self._client = client
         self._sources = list(sources)
         self._static = list(static)
@@ -71,7 +76,9 @@ class Catalog:
                 for source in self._sources:
                     nursery.start_soon(self._list_one, source, errors)
             files = self._static + [f for s in self._sources for f in s.files or []]
-            await self._prober.probe_all(self._tree.set_files(files))
+            added = self._tree.set_files(files)
+            with trio.move_on_after(self._probe_wait):
+                await self._prober.probe_all(added)
             if not errors:
                 self._next = started + self._interval
             return errors

@@ -12,6 +12,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 import cachetools
+import trio
 
 from zohofs import zipindex
 from zohofs.blocks import BlockReader, OpenFile
@@ -27,6 +28,14 @@ log = logging.getLogger(__name__)
 
 # Members whose inflation checkpoints are kept (each up to ~40 KiB per 4 MiB inflated).
 MEMBER_READERS_KEPT = 4
+# Members put in the tree between two turns of the event loop (~10 ms).
+FILL_STEP = 2000
+
+
+async def _now_and_then(n: int) -> None:
+    """A turn for the event loop every :data:`FILL_STEP` steps of a long loop."""
+    if n % FILL_STEP == FILL_STEP - 1:
+        await trio.lowlevel.checkpoint()
 
 
 class ArchiveBytes:
@@ -84,7 +93,7 @@ class Expander:
             except ZohofsError as exc:
                 view.failure = Failure(exc)
                 raise
-            self._fill(root, found)
+            await self._fill(root, found)
             view.version, view.failure = version, None
 
     async def _read_index(self, archive: Node) -> list[Member]:
@@ -109,9 +118,11 @@ class Expander:
         log.debug("%s: %d members", path, len(found))
         return found
 
-    def _fill(self, root: Node, members: list[Member]) -> None:
+    async def _fill(self, root: Node, members: list[Member]) -> None:
         """Make ``root`` show exactly ``members``; nodes of paths seen before keep their
-        inodes, names that left are forgotten by the kernel."""
+        inodes, names that left are forgotten by the kernel. An archive of 500 000
+        members takes seconds: the event loop gets its turn every :data:`FILL_STEP`
+        (lookups in this folder wait for the view's lock meanwhile, nothing else does)."""
         tree = self._tree
         before: list[tuple[int, str, int, Member | None]] = []
         stack = [root]
@@ -120,8 +131,10 @@ class Expander:
             for name, ino in directory.children.items():
                 before.append((directory.ino, name, ino, tree.node(ino).member))
                 stack.append(tree.node(ino))
+                await _now_and_then(len(before))
             directory.children, directory.listing = {}, None
-        for m in members:
+        for n, m in enumerate(members):
+            await _now_and_then(n)
             parent = root
             *folders, name = m.path.split("/")
             for folder in folders:
@@ -131,7 +144,8 @@ class Expander:
             leaf.member, leaf.view = m, root.view
         # Names that left, and members that changed (the kernel keeps their size and
         # times): the kernel forgets them and looks them up again.
-        for parent_ino, name, ino, member in before:
+        for n, (parent_ino, name, ino, member) in enumerate(before):
+            await _now_and_then(n)
             if (tree.node(parent_ino).children.get(name) != ino
                     or tree.node(ino).member != member):
                 tree.removed(parent_ino, name)

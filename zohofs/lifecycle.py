@@ -36,6 +36,9 @@ SHUTDOWN_GRACE = 2.0
 # Discovery and size probes run before the mount goes live; a host that hangs must not
 # keep it from coming up (what is missing is fetched on access or at the next listing).
 STARTUP_DEADLINE = 30.0
+# How long a listing waits for the sizes of new files: those not known by then are
+# probed on access, each within its own deadline.
+PROBE_WAIT = 2.0
 
 
 def check_mountpoint(path: str) -> None:
@@ -99,7 +102,7 @@ async def serve(config: Config, on_ready: Callable[[], Awaitable[None]] | None =
     """Discover, mount, serve until unmounted or signalled, and always unmount."""
     _map_big_buffers()
     kernel = KernelNotifier()
-    async with open_runtime(config, kernel) as runtime:
+    async with open_runtime(config, kernel, probe_wait=PROBE_WAIT) as runtime:
         with trio.move_on_after(STARTUP_DEADLINE):
             errors = await runtime.catalog.refresh()
             fatal = fatal_sign_in_errors(errors)

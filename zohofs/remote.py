@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import tenacity
 import trio
@@ -34,6 +34,7 @@ from zohofs.errors import (
 )
 from zohofs.hosts import HostPolicy, host_port, is_loopback
 from zohofs.logs import redact_url
+from zohofs.slots import HostSlots
 from zohofs.stats import Stats
 from zohofs.transport import (
     Exchange,
@@ -164,13 +165,13 @@ class RangeReader:
         self._connections = connections_per_host
         self._request_deadline = request_deadline
         self.stats = stats or Stats()
-        self._limiters: dict[tuple[str, str, int], trio.CapacityLimiter] = {}
+        self._hosts: dict[tuple[str, str, int], HostSlots] = {}
 
-    def _limiter(self, url: str) -> trio.CapacityLimiter:
+    def _slots(self, url: str) -> HostSlots:
         key = host_port(url)
-        if key not in self._limiters:
-            self._limiters[key] = trio.CapacityLimiter(self._connections)
-        return self._limiters[key]
+        if key not in self._hosts:
+            self._hosts[key] = HostSlots(self._connections)
+        return self._hosts[key]
 
     async def probe(self, url: str, tokens: TokenSource) -> RemoteInfo:
         """Size and validators of the file behind ``url``.
@@ -286,7 +287,7 @@ class RangeReader:
         request gives its slot back at once, so a stuck request cannot starve the others.
         """
         exchange = Exchange()
-        async with self._limiter(url):
+        async with self._slots(url).slot(urlsplit(url).path):
             try:
                 with trio.fail_after(self._request_deadline):
                     return await trio.to_thread.run_sync(call, exchange,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -64,9 +65,10 @@ async def _log_answer(response: httpx.Response) -> None:
 
 @asynccontextmanager
 async def open_runtime(config: Config, kernel: KernelCache | None = None,
-                       ) -> AsyncIterator[Runtime]:
+                       probe_wait: float = math.inf) -> AsyncIterator[Runtime]:
     """The parts of a running zohofs; ``kernel`` hears what the kernel must forget
-    (none for `ls`, which mounts nothing)."""
+    (none for `ls`, which mounts nothing); a listing waits ``probe_wait`` at most for
+    the sizes of new files."""
     static = explicit_links(config)
     if not static and not config.accounts:
         raise ConfigError("nothing to mount: configure a Zoho account (client id, client "
@@ -96,7 +98,7 @@ async def open_runtime(config: Config, kernel: KernelCache | None = None,
                               api_version=config.api_version,
                               interval=config.listing_interval, trusted=config.trust_hosts,
                               on_demand_every=config.lookup_refresh_interval,
-                              deadline=config.read_timeout)
+                              deadline=config.read_timeout, probe_wait=probe_wait)
             fs = ZohoFS(reader, tokens, cache_size=config.cache_size,
                         max_request=config.block_size,
                         max_ahead=config.block_size * config.readahead_blocks,
