@@ -66,12 +66,19 @@ def _read(tally: Tally, fd: int, data: bytes, offset: int, size: int, where: str
     finally:
         tally.timed(time.monotonic() - started)
     want = data[offset:offset + size]
-    if len(got) < len(want) and got == want[:len(got)]:
+    if 0 < len(got) < len(want) and got == want[:len(got)]:
         # The kernel splits a read into several requests (pages, or max_read chunks with
         # direct I/O); when a later one fails it returns what the earlier ones brought
-        # (the next read reports the error). The bytes returned are still the server's.
+        # (the next read reports the error). The bytes returned are still the server's;
+        # the next read must report the error or go on with them, never end the file.
         with tally.lock:
             tally.short += 1
+        try:
+            if not os.pread(fd, 1, offset + len(got)):
+                tally.wrong.append(f"{where}: the file ended at {offset + len(got)} of "
+                                   f"{len(data)} bytes")
+        except OSError as exc:
+            tally.failed(exc.errno or 0)
         return
     if got != want:
         first = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),

@@ -210,3 +210,29 @@ def test_the_mount_helpers_call_becomes_a_background_mount() -> None:
         assert from_mount_helper(ours) is None
     with pytest.raises(ConfigError, match="SOURCE MOUNTPOINT -o OPTIONS"):
         from_mount_helper(["zoho", "/zoho", "--cache-size", "9"])
+
+
+def test_an_error_told_again_is_a_new_object_with_the_same_meaning() -> None:
+    from zohofs.errors import RemoteError, again
+
+    try:
+        raise RemoteError("the server said no", status=503, retry_after=3.0)
+    except RemoteError as exc:
+        first = exc
+    twin = again(first)
+    assert twin is not first and type(twin) is RemoteError and str(twin) == str(first)
+    assert (twin.status, twin.retry_after, twin.errno) == (503, 3.0, first.errno)
+    assert twin.__traceback__ is None and first.__traceback__ is not None
+
+
+def test_a_buffer_with_a_view_on_it_is_not_handed_out_again() -> None:
+    from zohofs.buffers import BufferPool
+
+    pool = BufferPool(16, limit=4)
+    buffer = pool.take()
+    view = memoryview(buffer)[4:8]  # a chunk's slice still on its way somewhere
+    pool.give(memoryview(buffer))
+    assert pool.take() is not buffer
+    del view
+    pool.give(memoryview(buffer))
+    assert pool.take() is buffer

@@ -23,6 +23,7 @@ from zohofs.errors import (
     SignInThrottled,
     SignInUnavailable,
     TransportError,
+    again,
 )
 from zohofs.tokenstore import SharedTokens, StoreUnusable, TokenStore
 
@@ -253,7 +254,7 @@ class OAuthTokens:
             if usable:
                 return
             assert self._pause_error is not None
-            raise self._pause_error
+            raise again(self._pause_error)
         while self._recent and self._recent[0] < now - self._limits.window:
             self._recent.popleft()
         if len(self._recent) >= self._limits.max_refreshes:

@@ -21,7 +21,7 @@ import trio
 from zohofs.auth import TokenSource
 from zohofs.buffers import BufferPool
 from zohofs.cache import Abandoned, ChunkCache
-from zohofs.errors import AccessDenied, BadAnswer, RemoteChanged, TransportError, ZohofsError
+from zohofs.errors import AccessDenied, BadAnswer, RemoteChanged, TransportError, ZohofsError, again
 from zohofs.planner import CHUNK, PrefetchBudget, ReadPattern, chunk_range, slice_chunks
 from zohofs.probes import check_expiry, validated
 from zohofs.remote import RangeReader, RemoteInfo
@@ -216,7 +216,7 @@ class BlockReader:
                 break
             if not isinstance(flight.error, Abandoned):
                 assert flight.error is not None
-                raise flight.error
+                raise again(flight.error)
         length = handle.held.pop(key, None)
         if length is not None:  # read at last: it may be evicted now
             self.cache.release(key)

@@ -7,8 +7,18 @@ it. Buffers of evicted chunks are kept instead and read into again.
 
 from __future__ import annotations
 
-import sys
 from collections import deque
+
+
+def _unexported(buffer: bytearray) -> bool:
+    """Whether no view of ``buffer`` exists: Python refuses to resize a bytearray that
+    has exported its memory (PEP 3118), and only views are ever handed out."""
+    try:
+        buffer.append(0)
+    except BufferError:
+        return False
+    del buffer[-1]
+    return True
 
 
 class BufferPool:
@@ -29,9 +39,7 @@ class BufferPool:
                 buffer = self._free.pop()
             except IndexError:
                 return bytearray(self.size)
-            # References: ``buffer`` here and getrefcount's argument. Any view of it would
-            # add one; with none, nobody can make a new one, as nobody else has it.
-            if sys.getrefcount(buffer) == 2:
+            if _unexported(buffer):
                 return buffer
 
     def give(self, view: memoryview) -> None:

@@ -32,8 +32,10 @@ as if at end of file, which would turn a refusal into a truncated copy.
 
 from __future__ import annotations
 
+import copy
 import errno as _errno
 import logging
+from typing import TypeVar
 
 
 class ZohofsError(Exception):
@@ -178,3 +180,15 @@ def error_for_status(status: int, reason: str, url: str,
 def is_transient(exc: BaseException) -> bool:
     """The one retry predicate: worth trying the same request again."""
     return isinstance(exc, RemoteError) and exc.transient
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def again(error: E) -> E:
+    """A new exception like ``error``, for telling a later caller what an earlier one
+    met: one object raised again and again grows its traceback with every raise and keeps
+    the frames of each alive."""
+    fresh = copy.copy(error)
+    fresh.__traceback__ = None
+    return fresh

@@ -17,7 +17,7 @@ import trio
 from zohofs import zipindex
 from zohofs.blocks import BlockReader, OpenFile
 from zohofs.deadline import deadline
-from zohofs.errors import BadArchive, NoSuchEntry, ZohofsError
+from zohofs.errors import BadArchive, NoSuchEntry, ZohofsError, again
 from zohofs.probes import Prober
 from zohofs.stats import FileActivity
 from zohofs.tree import Failure, Node, Tree, view_name
@@ -87,7 +87,7 @@ class Expander:
             if view.version == version:
                 return
             if view.failure is not None and view.failure.recent():
-                raise view.failure.error
+                raise again(view.failure.error)
             try:
                 found = await self._read_index(archive)
             except ZohofsError as exc:

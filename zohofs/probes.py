@@ -11,7 +11,7 @@ import trio
 
 from zohofs.auth import TokenSource
 from zohofs.deadline import deadline
-from zohofs.errors import LinkExpired, ZohofsError
+from zohofs.errors import LinkExpired, ZohofsError, again
 from zohofs.logs import redact_url
 from zohofs.remote import RangeReader, RemoteInfo
 from zohofs.tree import Failure, Node
@@ -49,7 +49,7 @@ class Prober:
             if node.info is not None and not node.stale:
                 return node.info
             if node.failure is not None and node.failure.recent():
-                raise node.failure.error
+                raise again(node.failure.error)
             try:
                 check_expiry(node.file)
                 with deadline(self._read_deadline, node.file.path, "probing its size"):

@@ -24,7 +24,7 @@ from typing import Protocol
 import trio
 
 from zohofs.cache import ChunkCache
-from zohofs.errors import BadArchive, UnreadableMember
+from zohofs.errors import BadArchive, UnreadableMember, again
 from zohofs.planner import CHUNK, MiB, chunk_range, slice_chunks
 from zohofs.zipindex import DEFLATED, STORED, Member
 
@@ -56,7 +56,7 @@ class MemberReader:
 
     async def read(self, source: ArchiveSource, offset: int, size: int) -> list[memoryview]:
         """Exactly ``size`` bytes of the member at ``offset`` (fewer only at its end)."""
-        raise self.failed or BadArchive(f"{self.name}: cannot be read")
+        raise again(self.failed) if self.failed else BadArchive(f"{self.name}: cannot be read")
 
     def _fail(self, reason: str) -> BadArchive:
         self.failed = BadArchive(f"{self.name}: {reason}")
@@ -96,7 +96,7 @@ class StoredReader(MemberReader):
 
     async def read(self, source: ArchiveSource, offset: int, size: int) -> list[memoryview]:
         if self.failed is not None:
-            raise self.failed
+            raise again(self.failed)
         end = min(offset + size, self.member.size)
         if offset >= end:
             return []
@@ -209,14 +209,14 @@ class DeflatedReader(MemberReader):
 
     async def read(self, source: ArchiveSource, offset: int, size: int) -> list[memoryview]:
         if self.failed is not None:  # known damaged: what was inflated before is no data
-            raise self.failed
+            raise again(self.failed)
         end = min(offset + size, self.member.size)
         if offset >= end:
             return []
         wanted = chunk_range(offset, end)
         pieces = [await self._chunk(source, i) for i in wanted]
         if self.failed is not None:  # found out while this read was waiting
-            raise self.failed
+            raise again(self.failed)
         return slice_chunks(pieces, wanted.start, offset, end)
 
     async def _chunk(self, source: ArchiveSource, index: int) -> memoryview:
@@ -229,7 +229,7 @@ class DeflatedReader(MemberReader):
             if data is not None:
                 return data
             if self.failed is not None:
-                raise self.failed
+                raise again(self.failed)
             cursor = self._cursor
             nearest = index - index % _CHUNKS_PER_CHECKPOINT
             if cursor is None or not nearest <= cursor.index <= index:
