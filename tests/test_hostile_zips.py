@@ -19,12 +19,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import MiB, MountFactory
-from tests.helpers import Mount
+from tests.helpers import Mount, peak_rss_mib
+from zohofs.cache import ChunkCache
 from zohofs.emulator.backup import Backup, corrupt_member
 from zohofs.emulator.server import Emulator
 from zohofs.errors import BadArchive
-from zohofs.zipindex import Member
-from zohofs.zipread import StoredReader, crc32_combine
+from zohofs.zipindex import Member, data_offset
+from zohofs.zipread import (
+    CHECKPOINT_COST,
+    Checkpoints,
+    StoredReader,
+    crc32_combine,
+    member_reader,
+)
 
 JOB = "757345985/4876876000001594004"
 
@@ -187,3 +194,76 @@ def test_crc32_combine_is_zlibs() -> None:
     assert crc32_combine(zlib.crc32(first), zlib.crc32(second), len(second)) == (
         zlib.crc32(first + second))
     assert crc32_combine(zlib.crc32(first), 0, 0) == zlib.crc32(first)
+
+
+# -- memory ------------------------------------------------------------------------------
+
+def deflated_zeros(name: str, size: int) -> bytes:
+    """A zip bomb: ``size`` bytes of zeros deflated to about a thousandth of that."""
+    block, compressor, crc = bytes(MiB), zlib.compressobj(1, zlib.DEFLATED, -15), 0
+    body = io.BytesIO()
+    for _ in range(size // MiB):
+        body.write(compressor.compress(block))
+        crc = zlib.crc32(block, crc)
+    body.write(compressor.flush())
+    compressed, raw = body.getvalue(), name.encode()
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0x21, crc, len(compressed),
+                        size, len(raw), 0) + raw
+    entry = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 8, 0, 0x21, crc,
+                        len(compressed), size, len(raw), 0, 0, 0, 0, 0, 0) + raw
+    start = len(local) + len(compressed)
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(entry), start, 0)
+    return local + compressed + entry + end
+
+
+def test_inflating_a_1_gib_zip_bomb_stays_within_the_cache_and_100_mib(
+        mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
+    size = 1 << 30
+    link = serve(emulator, backup, "Data_009.zip", deflated_zeros("Data/Notes_001.csv", size))
+    m = mount("--expand", "--cache-size", "32", links=[link])
+    member = m.path / JOB / "Data_009" / "Data" / "Notes_001.csv"
+    total = 0
+    with open(member, "rb", buffering=0) as f:
+        while chunk := f.read(4 * MiB):
+            assert not any(chunk)
+            total += len(chunk)
+    assert total == size
+    for offset in (size - 4096, size // 3, 12345):  # back again: checkpoints, or a restart
+        assert read_errno(member, offset, 4096) == bytes(4096)
+    assert peak_rss_mib(m.proc.pid) < 32 + 100, peak_rss_mib(m.proc.pid)
+
+
+def member_of(info: zipfile.ZipInfo) -> Member:
+    return Member(info.filename, info.compress_type, info.compress_size, info.file_size,
+                  info.CRC, info.header_offset, 0.0, False)
+
+
+def test_inflation_checkpoints_of_many_members_share_one_budget() -> None:
+    text = b"".join(b"%08d,Acme,contract\n" % n for n in range(400_000))  # ~8 MB
+    archive = zip_of(*((f"Data/part{n}.csv", text) for n in range(6)),
+                     method=zipfile.ZIP_DEFLATED)
+    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+        infos = zf.infolist()
+    budget = Checkpoints(6 * CHECKPOINT_COST)
+    cache = ChunkCache(4 * MiB)
+
+    class Source:
+        async def read(self, offset: int, size: int) -> list[memoryview]:
+            return [memoryview(archive)[offset:offset + size]]
+
+        def peek(self, offset: int) -> memoryview | None:
+            return None
+
+    async def read_all() -> None:
+        readers = [member_reader(i.filename, member_of(i), data_offset(
+            archive[i.header_offset:i.header_offset + 30], member_of(i)), len(archive),
+            cache, ("k", i.filename), budget) for i in infos]
+        for reader in readers:  # to the end: a checkpoint every 4 MiB of each
+            await reader.read(Source(), len(text) - 10, 10)
+            assert 0 < budget.size <= 6 * CHECKPOINT_COST
+        rng = random.Random(5)
+        for _ in range(40):  # seeks after evictions still give the right bytes
+            reader, at = rng.choice(readers), rng.randrange(len(text) - 100)
+            assert b"".join(await reader.read(Source(), at, 100)) == text[at:at + 100]
+
+    trio.run(read_all)

@@ -19,7 +19,7 @@ from zohofs.emulator.backup import corrupt_member, generate
 from zohofs.errors import BadArchive
 from zohofs.planner import CHUNK, MiB
 from zohofs.zipindex import Member, data_offset, read_index
-from zohofs.zipread import CHECKPOINT_EVERY, DeflatedReader, member_reader
+from zohofs.zipread import CHECKPOINT_EVERY, Checkpoints, DeflatedReader, member_reader
 
 
 def index(archive: bytes) -> tuple[list[Member], list[str]]:
@@ -48,7 +48,8 @@ async def read_member(archive: bytes, m: Member, source: Source | None = None,
                       cache: ChunkCache | None = None) -> bytes:
     reader = member_reader(m.path, m,
                            data_offset(archive[m.header_offset:m.header_offset + 30], m),
-                           len(archive), cache or ChunkCache(64 * MiB), ("t", m.path))
+                           len(archive), cache or ChunkCache(64 * MiB), ("t", m.path),
+                           Checkpoints(8 * MiB))
     source = source or Source(archive)
     out = b""
     while len(out) < m.size:
@@ -169,7 +170,8 @@ def test_a_backward_seek_inflates_from_the_nearest_checkpoint() -> None:
     async def seeks() -> None:
         source = Source(archive)
         reader = member_reader(m.path, m, data_offset(archive[m.header_offset:][:30], m),
-                               len(archive), ChunkCache(4 * CHUNK), ("u", m.path))
+                               len(archive), ChunkCache(4 * CHUNK), ("u", m.path),
+                               Checkpoints(8 * MiB))
         assert isinstance(reader, DeflatedReader)
         await reader.read(source, len(text) - 10, 10)  # to the end once: checkpoints made
         for _ in range(30):

@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import trio
@@ -55,7 +55,10 @@ class OpenFile:
 class BlockReader:
     def __init__(self, remote: RangeReader, tokens: Mapping[str, TokenSource], *,
                  cache_size: int, max_request: int, max_ahead: int, read_deadline: float,
-                 kernel: KernelCache | None = None) -> None:
+                 kernel: KernelCache | None = None,
+                 also_cached: Callable[[], int] = lambda: 0) -> None:
+        """``also_cached`` says how much other memory counts in ``cache_size``
+        (``--expand``'s inflation checkpoints)."""
         self._remote = remote
         self._tokens = tokens
         self._kernel = kernel
@@ -67,7 +70,8 @@ class BlockReader:
         self._budget = PrefetchBudget(cache_size // 2)
         self._buffers = BufferPool(CHUNK, limit=BUFFERS_KEPT)
         # Chunks on their way count too: the cache's memory stays within its size.
-        self.cache = ChunkCache(cache_size, reserved=lambda: self._budget.used,
+        self.cache = ChunkCache(cache_size,
+                                reserved=lambda: self._budget.used + also_cached(),
                                 on_evict=self._buffers.give)
         self._max_request = max_request
         self._max_ahead = max_ahead

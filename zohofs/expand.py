@@ -22,7 +22,7 @@ from zohofs.probes import Prober
 from zohofs.stats import FileActivity
 from zohofs.tree import Failure, Node, Tree, view_name
 from zohofs.zipindex import HeaderMismatch, Member
-from zohofs.zipread import MemberReader, member_reader
+from zohofs.zipread import Checkpoints, MemberReader, member_reader
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,12 @@ class OpenMember:
 
 
 class Expander:
-    def __init__(self, tree: Tree, prober: Prober, blocks: BlockReader) -> None:
+    def __init__(self, tree: Tree, prober: Prober, blocks: BlockReader,
+                 checkpoints: Checkpoints) -> None:
         self._tree = tree
         self._prober = prober
         self._blocks = blocks
+        self._checkpoints = checkpoints
         # Member readers by (archive inode, version, member path): their inflation
         # checkpoints outlive one open.
         self._readers: cachetools.LRUCache[Hashable, MemberReader] = (
@@ -182,7 +184,8 @@ class Expander:
                     header = b"".join(await self._blocks.read(
                         archive, member.header_offset, zipindex.LOCAL_HEADER.size))
                 reader = member_reader(name, member, zipindex.data_offset(header, member),
-                                       archive.info.size, self._blocks.cache, key)
+                                       archive.info.size, self._blocks.cache, key,
+                                       self._checkpoints)
                 if reader.failed is not None:
                     log.warning("%s", reader.failed)
                 self._readers[key] = reader

@@ -32,6 +32,7 @@ from zohofs.probes import Prober
 from zohofs.remote import RangeReader
 from zohofs.status import file_xattrs, snapshot
 from zohofs.tree import ROOT_INODE, KernelCache, Node, Tree
+from zohofs.zipread import Checkpoints
 from zohofs.zoho import BackupFile
 
 # Zoho's sample expiry dates are exactly 7 days after the backup completed.
@@ -76,10 +77,13 @@ class ZohoFS:
                  on_miss: Callable[[str], Awaitable[bool]] | None = None) -> None:
         self.tree = tree or Tree(expand=expand, kernel=kernel)
         self.prober = prober or Prober(reader, tokens, read_deadline)
+        # Inflation checkpoints (--expand) take up to an eighth of the cache budget.
+        checkpoints = Checkpoints(cache_size // 8)
         self.blocks = BlockReader(reader, tokens, cache_size=cache_size,
                                   max_request=max_request, max_ahead=max_ahead,
-                                  read_deadline=read_deadline, kernel=kernel)
-        self._archives = Expander(self.tree, self.prober, self.blocks)
+                                  read_deadline=read_deadline, kernel=kernel,
+                                  also_cached=lambda: checkpoints.size)
+        self._archives = Expander(self.tree, self.prober, self.blocks, checkpoints)
         self._tokens = tokens
         self._access = access or Access.from_settings()
         self._on_miss = on_miss

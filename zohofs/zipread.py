@@ -21,6 +21,7 @@ import zlib
 from collections.abc import Hashable
 from typing import Protocol
 
+import cachetools
 import trio
 
 from zohofs.cache import ChunkCache
@@ -64,7 +65,7 @@ class MemberReader:
 
 
 def member_reader(name: str, member: Member, data_offset: int, archive_size: int,
-                  cache: ChunkCache, key: Hashable) -> MemberReader:
+                  cache: ChunkCache, key: Hashable, checkpoints: Checkpoints) -> MemberReader:
     """The reader for ``member``, whose data starts at ``data_offset`` of the archive."""
     if data_offset + member.compressed_size > archive_size:
         raise BadArchive(f"{name}: its data would end past the end of the archive")
@@ -73,7 +74,7 @@ def member_reader(name: str, member: Member, data_offset: int, archive_size: int
             raise BadArchive(f"{name}: stored, but its sizes differ")
         return StoredReader(name, member, data_offset)
     if member.method == DEFLATED and not member.encrypted:
-        return DeflatedReader(name, member, data_offset, cache, key)
+        return DeflatedReader(name, member, data_offset, cache, key, checkpoints)
     reader = MemberReader(name, member, data_offset)
     reader.failed = UnreadableMember(
         f"{name}: encrypted, zohofs cannot read it" if member.encrypted else
@@ -196,16 +197,55 @@ class _Cursor:
         self.pending = b""  # compressed bytes read, not yet consumed
 
 
+# What one kept decoder costs besides the input it still holds (its unconsumed_tail,
+# up to INPUT bytes): zlib's 32 KiB window and its state.
+CHECKPOINT_COST = 48 * 1024
+
+
+def _checkpoint_size(checkpoint: tuple[int, zlib._Decompress, int]) -> int:
+    return CHECKPOINT_COST + len(checkpoint[1].unconsumed_tail)
+
+
+class Checkpoints:
+    """The inflation checkpoints of every member, least recently used dropped first
+    within one budget of bytes (counted in the cache size: the block reader leaves room
+    for ``size``). A dropped checkpoint costs a longer inflation, never wrong bytes."""
+
+    def __init__(self, capacity: int) -> None:
+        self._lru: cachetools.LRUCache[Hashable, tuple[int, zlib._Decompress, int]] = (
+            cachetools.LRUCache(maxsize=max(capacity, CHECKPOINT_COST),
+                                getsizeof=_checkpoint_size))
+
+    @property
+    def size(self) -> int:
+        return int(self._lru.currsize)
+
+    def get(self, key: Hashable) -> tuple[int, zlib._Decompress, int] | None:
+        return self._lru.get(key)
+
+    def put(self, key: Hashable, checkpoint: tuple[int, zlib._Decompress, int]) -> None:
+        if _checkpoint_size(checkpoint) <= self._lru.maxsize:  # else not worth its room
+            self._lru[key] = checkpoint
+
+
 class DeflatedReader(MemberReader):
     def __init__(self, name: str, member: Member, data_offset: int, cache: ChunkCache,
-                 key: Hashable) -> None:
+                 key: Hashable, checkpoints: Checkpoints) -> None:
         super().__init__(name, member, data_offset)
         self._cache = cache
         self._key = key
         self._lock = trio.Lock()  # one decoder at work per member
-        self._checkpoints: dict[int, tuple[int, zlib._Decompress, int]] = {
-            0: (0, zlib.decompressobj(-zlib.MAX_WBITS), 0)}
+        self._checkpoints = checkpoints  # by (key, chunk index); index 0 needs none
         self._cursor: _Cursor | None = None
+
+    def _nearest_checkpoint(self, index: int) -> _Cursor:
+        """A decoder at the latest kept checkpoint at or before chunk ``index``."""
+        for at in range(index - index % _CHUNKS_PER_CHECKPOINT, 0, -_CHUNKS_PER_CHECKPOINT):
+            kept = self._checkpoints.get((self._key, at))
+            if kept is not None:
+                position, decoder, crc = kept
+                return _Cursor(at, position, decoder.copy(), crc)
+        return _Cursor(0, 0, zlib.decompressobj(-zlib.MAX_WBITS), 0)
 
     async def read(self, source: ArchiveSource, offset: int, size: int) -> list[memoryview]:
         if self.failed is not None:  # known damaged: what was inflated before is no data
@@ -233,9 +273,7 @@ class DeflatedReader(MemberReader):
             cursor = self._cursor
             nearest = index - index % _CHUNKS_PER_CHECKPOINT
             if cursor is None or not nearest <= cursor.index <= index:
-                nearest = max(c for c in self._checkpoints if c <= index)
-                position, decoder, crc = self._checkpoints[nearest]
-                cursor = _Cursor(nearest, position, decoder.copy(), crc)
+                cursor = self._nearest_checkpoint(index)
             self._cursor = None  # until it is known to be sound again
             while True:
                 data = await self._next(source, cursor)
@@ -278,9 +316,11 @@ class DeflatedReader(MemberReader):
         if cursor.index * CHUNK >= self.member.size and cursor.crc != self.member.crc:
             raise self._fail(f"CRC-32 mismatch (the archive says {self.member.crc:08x}, its "
                              f"bytes give {cursor.crc:08x}): the archive is damaged")
-        if cursor.index % _CHUNKS_PER_CHECKPOINT == 0 and cursor.index not in self._checkpoints:
-            self._checkpoints[cursor.index] = (cursor.position, cursor.decoder.copy(),
-                                               cursor.crc)
+        if cursor.index % _CHUNKS_PER_CHECKPOINT == 0:
+            key = (self._key, cursor.index)
+            if self._checkpoints.get(key) is None:
+                self._checkpoints.put(key, (cursor.position, cursor.decoder.copy(),
+                                            cursor.crc))
         data = memoryview(out)
         self._cache.put((self._key, index), data)
         return data
