@@ -38,7 +38,8 @@ def test_emulator_prints_its_url_first_and_serves(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("expand", [False, True], ids=["plain", "expand"])
-def test_demo_shows_the_tree_and_unmounts_on_ctrl_c(tmp_path: Path, expand: bool) -> None:
+def test_demo_shows_the_tree_and_unmounts_on_ctrl_c(tmp_path: Path, expand: bool,
+                                                    private_token_store: Path) -> None:
     mnt = tmp_path / "zoho-demo"
     log = tmp_path / "demo.log"
     with open(log, "w") as out:
@@ -64,6 +65,8 @@ def test_demo_shows_the_tree_and_unmounts_on_ctrl_c(tmp_path: Path, expand: bool
                 subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
     assert code == 0, log.read_text()
     assert not is_mounted(mnt)
+    # The demo's tokens are the emulator's: nothing of them stays in the state directory.
+    assert not list((private_token_store).glob("tokens-*"))
 
 
 def test_emulator_serves_a_data_dir_over_tls(tmp_path: Path) -> None:

@@ -9,10 +9,12 @@ import getpass
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", help="list what would be mounted, without mounting")
     _add_source_options(ls)
+    ls.add_argument("--expires-within", metavar="DURATION", type=_duration,
+                    help="exit 3, naming them, when backups expire within DURATION "
+                         "(e.g. 48h, 2d, 90m): for a cron or monitoring check")
 
     lg = sub.add_parser("login", help="one-time set-up: grant code -> stored refresh token")
     _add_account_options(lg)
@@ -253,10 +258,11 @@ def _status_text(args: argparse.Namespace) -> str:
 
 # -- ls ------------------------------------------------------------------------------------
 
-async def list_backups(cfg: Config) -> int:
+async def list_backups(cfg: Config, expires_within: timedelta | None = None) -> int:
     """Print what would be mounted. Exit 0 when every file was listed and probed; 2 when
     sign-in failed for a reason waiting will not fix (as `mount` does); else 1, also when
-    there is nothing to list: a cron check must notice."""
+    there is nothing to list: a cron check must notice; 3 when all is well but a backup
+    expires within ``expires_within``."""
     # The failures of sign-in and listing are printed below, once each: not also logged.
     for name in ("zohofs.auth", "zohofs.catalog"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
@@ -287,13 +293,37 @@ async def list_backups(cfg: Config) -> int:
             widths = [max(len(r[i]) for r in rows) for i in range(4)]
             for r in rows:
                 print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[4])
-        return 1 if failed else 0
+        if failed:
+            return 1
+        return 3 if expires_within is not None and _expiring(runtime, expires_within) else 0
+
+
+def _expiring(runtime: Any, within: timedelta) -> bool:
+    """Say which backups expire within ``within``; True if any does."""
+    now = datetime.now(UTC)
+    soon = sorted({(n.file.expires, f"{n.file.zgid}/{n.file.job_id}") for n in runtime.fs.files
+                   if n.file and n.file.expires and n.file.expires - now <= within})
+    for expires, backup in soon:
+        left = max(expires - now, timedelta(0))
+        print(f"zohofs: backup {backup} expires in {left.total_seconds() / 3600:.0f} h "
+              f"({expires.astimezone().isoformat(sep=' ', timespec='minutes')}): copy it "
+              "before then", file=sys.stderr)
+    return bool(soon)
+
+
+def _duration(text: str) -> timedelta:
+    """``48h``, ``2d``, ``90m``, ``30s`` or a number of seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 48h, 2d)")
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+    return timedelta(seconds=float(match[1]) * unit)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     _log_as_configured(cfg)
-    return trio.run(list_backups, cfg)
+    return trio.run(list_backups, cfg, args.expires_within)
 
 
 # -- login ---------------------------------------------------------------------------------

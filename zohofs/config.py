@@ -9,6 +9,7 @@ credentials (``$CREDENTIALS_DIRECTORY/zoho-client-id`` ...), environment variabl
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import ssl
@@ -265,6 +266,12 @@ def build(flags: Mapping[str, Any], secret_flags: Mapping[str, str | None],
     path, top, raw_accounts = read_config_file(config_path, env, strict)
     where = f"config file {path}"
     settings = {k: v for k, v in top.items() if k in SETTINGS}
+    for name in env:  # a misspelt variable would be ignored without a word
+        key = name[len("ZOHOFS_"):].lower()
+        if name.startswith("ZOHOFS_") and key not in SETTINGS:
+            near = difflib.get_close_matches(key, SETTINGS, n=1)
+            log.warning("ignoring $%s: not a zohofs setting%s", name,
+                        f" (did you mean $ZOHOFS_{near[0].upper()}?)" if near else "")
     for key in SETTINGS:  # ZOHOFS_CACHE_SIZE=512 and friends
         value = env.get(f"ZOHOFS_{key.upper()}")
         if value is not None and value != "":

@@ -65,6 +65,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     os.makedirs(mountpoint, exist_ok=True)
     check_mountpoint(mountpoint)
     with tempfile.TemporaryDirectory(prefix="zohofs-demo-") as tmp:
+        # The demo's access tokens are the emulator's: nothing of them belongs in the
+        # machine's state directory, where the real mount keeps its own.
+        os.environ["STATE_DIRECTORY"] = os.path.join(tmp, "state")
         emulator = Emulator(tls=True, ca_path=os.path.join(tmp, "ca.pem"))
         backup = _generated_backup(args)
         emulator.add_backup(backup)

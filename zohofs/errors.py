@@ -6,6 +6,8 @@ Exception tree (each class carries its errno and the log level it deserves)::
     ├── ConfigError                  (never reaches FUSE: bad flags, files, hosts)
     ├── ReadOnly                     EROFS   any write, create, truncate
     ├── NoSuchEntry                  ENOENT  a name that is not in the tree
+    ├── IsADirectory                 EISDIR  open() of a folder
+    ├── NotADirectory                ENOTDIR a path through a file, readdir of a file
     ├── NoAttribute                  ENODATA a missing xattr
     ├── SignInError                  EACCES  Zoho Accounts refused the refresh token or client
     │   ├── SignInThrottled          EBUSY   too many token refreshes: waiting it out
@@ -54,6 +56,16 @@ class ReadOnly(ZohofsError):
 
 class NoSuchEntry(ZohofsError):
     errno = _errno.ENOENT
+    log_level = logging.DEBUG
+
+
+class IsADirectory(ZohofsError):
+    errno = _errno.EISDIR
+    log_level = logging.DEBUG
+
+
+class NotADirectory(ZohofsError):
+    errno = _errno.ENOTDIR
     log_level = logging.DEBUG
 
 

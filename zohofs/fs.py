@@ -26,11 +26,11 @@ from zohofs.access import Access
 from zohofs.auth import TokenSource
 from zohofs.blocks import BlockReader, OpenFile
 from zohofs.deadline import READ_DEADLINE, deadline
-from zohofs.errors import NoSuchEntry, ReadOnly
+from zohofs.errors import IsADirectory, NoSuchEntry, NotADirectory, ReadOnly
 from zohofs.expand import Expander, OpenMember
 from zohofs.probes import Prober
 from zohofs.remote import RangeReader
-from zohofs.status import file_xattrs, snapshot
+from zohofs.status import STATUS_XATTR, file_xattrs, snapshot
 from zohofs.tree import ROOT_INODE, KernelCache, Node, Tree
 from zohofs.zipread import Checkpoints
 from zohofs.zoho import BackupFile
@@ -155,7 +155,7 @@ class ZohoFS:
         return self.attr(node)
 
     async def lookup(self, parent: int, name: str) -> Attr:
-        node = self.tree.node(parent)
+        node = self.directory(parent)
         if name == ".":
             return await self.getattr(parent)
         if name == "..":
@@ -169,7 +169,8 @@ class ZohoFS:
         return await self.getattr(ino)
 
     def readdir(self, ino: int, start: int) -> Iterator[tuple[str, Attr, int]]:
-        """Entries after offset ``start``, in inode order; an entry's offset is its inode.
+        """Entries after offset ``start``, in inode order; an entry's offset is its inode
+        (never below 3, so that ``.`` and ``..`` can come first: :meth:`dots`).
 
         Listings change under an open directory (a new backup, an old one leaving): keyed
         by inode, that never makes a reader skip or repeat an entry. The kernel asks for a
@@ -183,10 +184,15 @@ class ZohoFS:
             child, name = listing[i]
             yield name, self.attr(self.tree.node(child)), child
 
+    def dots(self, ino: int) -> list[tuple[str, Attr, int]]:
+        """``.`` and ``..`` of a directory, at offsets 1 and 2 (`ls -a` shows them)."""
+        node = self.directory(ino)
+        return [(".", self.attr(node), 1), ("..", self.attr(self.tree.node(node.parent)), 2)]
+
     def directory(self, ino: int) -> Node:
         node = self.tree.node(ino)
         if not node.is_dir:
-            raise NoSuchEntry("not a directory")
+            raise NotADirectory(f"{node.name} is a file")
         return node
 
     async def opendir(self, ino: int) -> None:
@@ -198,15 +204,26 @@ class ZohoFS:
                         self.blocks.cache.size,
                         sum(t.refreshes for t in self._tokens.values()))
 
+    def open_paths(self) -> list[str]:
+        """The paths of the files open now, for the log."""
+        return sorted(h.activity.path for h in self._open.values())
+
     def xattrs(self, ino: int) -> dict[str, bytes]:
-        """Extended attributes: the mount's status on the root, a file's source on it."""
-        node = self.tree.node(ino)
-        if ino == ROOT_INODE:
-            return {"user.zohofs.status": json.dumps(self.status()).encode()}
-        return file_xattrs(node)
+        """Extended attributes: a file's source on it (listed, so `rsync -X` and `cp -a`
+        copy them: they are stable)."""
+        return file_xattrs(self.tree.node(ino))
+
+    def xattr(self, ino: int, name: str) -> bytes | None:
+        """One extended attribute; the root's ``user.zohofs.status`` is given when asked
+        for but never listed: a snapshot that changes every second is nothing for
+        `rsync -aX` to copy, and it would itemize the root on every run."""
+        if ino == ROOT_INODE and name == STATUS_XATTR:
+            return json.dumps(self.status()).encode()
+        return self.xattrs(ino).get(name)
 
     def statfs(self) -> tuple[int, int, int]:
-        """(block size, total blocks, file count)."""
+        """(block size, total blocks, file count). The adapter reports every block free:
+        nothing can be written, but a read-only backup is not a full disk to monitors."""
         total = sum(n.info.size for n in self.files if n.info)
         return BLKSIZE, -(-total // BLKSIZE), len(self.tree)
 
@@ -223,7 +240,7 @@ class ZohoFS:
             handle = await self._archives.open(node)
             version = handle.source.handle.version
         elif node.is_dir:
-            raise NoSuchEntry("is a directory")
+            raise IsADirectory(f"{node.name or '/'} is a folder")
         else:
             handle = self.blocks.open(node, await self.prober.for_open(node))
             version = handle.version

@@ -126,7 +126,7 @@ async def serve(config: Config, on_ready: Callable[[], Awaitable[None]] | None =
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as outer:
                 fuse_scope = trio.CancelScope()
-                outer.start_soon(_stop_on_signal, signals, fuse_scope)
+                outer.start_soon(_stop_on_signal, signals, fuse_scope, runtime.fs.open_paths)
                 outer.start_soon(dump_on_usr1)
                 try:
                     with fuse_scope:
@@ -185,13 +185,19 @@ def _unescape_mountinfo(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
 
-async def _stop_on_signal(signals: AsyncIterator[int], fuse_scope: trio.CancelScope) -> None:
+async def _stop_on_signal(signals: AsyncIterator[int], fuse_scope: trio.CancelScope,
+                          open_paths: Callable[[], list[str]]) -> None:
     async for signum in signals:
-        log.info("%s: unmounting", signal.Signals(signum).name)
+        cut = open_paths()
+        if cut:
+            # Their readers get ENOTCONN from now on: say which copies were cut short.
+            log.warning("%s: unmounting with %d files open, their readers cut off: %s",
+                        signal.Signals(signum).name, len(cut), ", ".join(cut))
+        else:
+            log.info("%s: unmounting", signal.Signals(signum).name)
         pyfuse3.terminate()
         # Requests still waiting on the network get a moment, then are abandoned.
         fuse_scope.deadline = min(fuse_scope.deadline, trio.current_time() + SHUTDOWN_GRACE)
-
 
 
 def serve_in_background(cfg: Config) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import logging
 import os
 import threading
@@ -136,7 +137,8 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        for name, attr, next_id in self.fs.readdir(fh, start_id):
+        dots = [d for d in self.fs.dots(fh) if d[2] > start_id]
+        for name, attr, next_id in itertools.chain(dots, self.fs.readdir(fh, start_id)):
             if not pyfuse3.readdir_reply(token, os.fsencode(name), entry(attr), next_id):
                 break
 
@@ -180,7 +182,7 @@ class Operations(pyfuse3.Operations):
         s = pyfuse3.StatvfsData()
         s.f_bsize = s.f_frsize = bsize
         s.f_blocks = blocks
-        s.f_bfree = s.f_bavail = 0
+        s.f_bfree = s.f_bavail = blocks  # fs.statfs: not a full disk
         s.f_files = files
         s.f_ffree = s.f_favail = 0
         s.f_namemax = 255
@@ -188,7 +190,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        value = self.fs.xattrs(inode).get(name.decode(errors="replace"))
+        value = self.fs.xattr(inode, name.decode(errors="replace"))
         if value is None:
             raise NoAttribute(f"no extended attribute {name!r}")
         return value

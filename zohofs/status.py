@@ -62,8 +62,20 @@ def read(mountpoint: str) -> dict[str, Any]:
     except OSError as exc:
         if exc.errno in (errno.ENODATA, errno.ENOTSUP):
             raise ConfigError(f"{mountpoint} is not a zohofs mount") from None
+        if exc.errno == errno.ENOTCONN:
+            raise ConfigError(f"{mountpoint}: the zohofs process that served it has ended "
+                              "(Transport endpoint is not connected); see its log for why, "
+                              f"then `zohofs mount {mountpoint}` again (it clears the dead "
+                              f"mount) or `fusermount3 -u {mountpoint}`") from None
         raise ConfigError(f"cannot ask {mountpoint}: {exc.strerror}") from None
     return status
+
+
+def _local(when: str | None) -> str:
+    """An ISO time as this machine's clock shows it (Zoho gives its own zone)."""
+    if not when:
+        return "-"
+    return datetime.fromisoformat(when).astimezone().isoformat(sep=" ", timespec="seconds")
 
 
 def _mb(n: float) -> str:
@@ -73,7 +85,7 @@ def _mb(n: float) -> str:
 def describe(mountpoint: str, s: dict[str, Any]) -> str:
     """The screen of `zohofs status`."""
     lines = [f"zohofs on {mountpoint}: {s['files']} files, mounted since "
-             f"{s['mounted_since']}, links expire {s['links_expire'] or '-'}",
+             f"{_local(s['mounted_since'])}, links expire {_local(s['links_expire'])}",
              f"fetched {_mb(s['bytes_fetched'])} in {s['gets']} GETs, {s['retries']} retries; "
              f"cache {_mb(s['cache_bytes'])}, chunks {s['chunk_hits']} hit / "
              f"{s['chunk_misses']} fetched; {s['token_refreshes']} token refreshes"

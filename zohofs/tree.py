@@ -20,6 +20,7 @@ from zohofs.zipindex import Member
 from zohofs.zoho import BackupFile
 
 ROOT_INODE = 1
+LAST_RESERVED_INODE = 2  # readdir gives `.` and `..` offsets 1 and 2
 # A failed probe is not repeated sooner than this: the kernel serialises lookups of one
 # name, so without it N readers of a failing file would probe it N times in a row.
 FAILED_PROBE_TTL = 1.0
@@ -106,8 +107,9 @@ def stable_inode(path: str, taken: Container[int]) -> int:
     Backup tools compare inode numbers between runs; the mount time must not change them.
     """
     digest = int.from_bytes(hashlib.blake2b(path.encode(), digest_size=8).digest(), "big")
-    ino = (digest & (2**63 - 1)) or 2
-    while ino <= ROOT_INODE or ino in taken:  # a 63-bit collision: still deterministic
+    ino = digest & (2**63 - 1)
+    # Never 1 (the root) or 2: readdir gives `.` and `..` those offsets.
+    while ino <= LAST_RESERVED_INODE or ino in taken:  # a collision: still deterministic
         ino = (ino + 1) & (2**63 - 1)
     return ino
 
