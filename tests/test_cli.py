@@ -6,13 +6,16 @@ import os
 import re
 import signal
 import ssl
+import stat
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import run_zohofs
 from tests.helpers import is_mounted, wait_for
 
 
@@ -23,10 +26,12 @@ def test_emulator_prints_its_url_first_and_serves(tmp_path: Path) -> None:
         assert proc.stdout is not None
         base = proc.stdout.readline().strip()
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", base), base
-        lines = [proc.stdout.readline().strip() for _ in range(3)]
+        lines = [proc.stdout.readline().strip() for _ in range(5)]
         assert lines[0].startswith("account: zgid=757345985 client_id=")
-        # A grant code, so that `zohofs login` can be rehearsed against it.
-        assert re.fullmatch(r"grant-code: zgid=757345985 code=\S+", lines[1]), lines[1]
+        # Grant codes, so that `zohofs login` can be rehearsed against it (a mistake
+        # costs one, as with Zoho).
+        for line in lines[1:4]:
+            assert re.fullmatch(r"grant-code: zgid=757345985 code=\S+", line), line
         link = next(line[len("link: "):] for line in lines if line.startswith("link: "))
         request = urllib.request.Request(link, headers={
             "Authorization": "Zoho-oauthtoken cli-token", "Range": "bytes=0-3"})
@@ -81,7 +86,7 @@ def test_emulator_serves_a_data_dir_over_tls(tmp_path: Path) -> None:
         base = proc.stdout.readline().strip()
         assert base.startswith("https://127.0.0.1:")
         assert proc.stdout.readline().strip() == f"ca-file: {tmp_path / 'ca.pem'}"
-        lines = [proc.stdout.readline().strip() for _ in range(3)]  # account, code, link
+        lines = [proc.stdout.readline().strip() for _ in range(5)]  # account, codes, link
         assert f"link: {base}/v2/crm/42/backup/7/Data_001.zip" in lines
         context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
         request = urllib.request.Request(f"{base}/v2/crm/42/backup/7/Data_001.zip", headers={
@@ -144,3 +149,74 @@ def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
     result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "zohofs.service")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def emulator_lines(proc: subprocess.Popen[str]) -> dict[str, list[str]]:
+    """What `zohofs emulator` prints before it serves, by the word before the colon."""
+    assert proc.stdout is not None
+    found: dict[str, list[str]] = {"url": [proc.stdout.readline().strip()]}
+    while "config" not in found:
+        key, _, value = proc.stdout.readline().strip().partition(": ")
+        found.setdefault(key, []).append(value)
+    return found
+
+
+@pytest.fixture
+def tls_emulator() -> Iterator[dict[str, list[str]]]:
+    proc = subprocess.Popen([sys.executable, "-m", "zohofs", "emulator", "--tls", "--size",
+                             "2M"], stdout=subprocess.PIPE, text=True)
+    try:
+        yield emulator_lines(proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+
+
+def test_the_config_the_emulator_prints_works_as_printed(
+        tls_emulator: dict[str, list[str]]) -> None:
+    [config] = tls_emulator["config"]
+    listed = run_zohofs("ls", "--config", config)
+    assert listed.returncode == 0, listed.stderr
+    assert "Data_001.zip" in listed.stdout
+
+
+def test_login_writes_the_config_it_prints_and_it_works(
+        tls_emulator: dict[str, list[str]], tmp_path: Path) -> None:
+    url, [ca] = tls_emulator["url"][0], tls_emulator["ca-file"]
+    account = dict(field.split("=", 1) for field in tls_emulator["account"][0].split())
+    codes = [line.split("code=")[1] for line in tls_emulator["grant-code"]]
+    secrets = {}
+    for name, value in (("id", account["client_id"]), ("secret", "1000.wrong"),
+                        ("code", codes[0])):
+        secrets[name] = tmp_path / name
+        secrets[name].write_text(value)
+        secrets[name].chmod(0o600)
+    args = ["login", "--accounts-url", url, "--ca-file", ca, "--api-url", url,
+            "--trust-host", url.split("//")[1], "--client-id-file", str(secrets["id"]),
+            "--client-secret-file", str(secrets["secret"]), "--code-file",
+            str(secrets["code"]), "--output", str(tmp_path / "conf" / "refresh-token"),
+            "--write-config", str(tmp_path / "conf" / "config.toml")]
+    wrong = run_zohofs(*args)
+    assert wrong.returncode == 1 and "wrong client secret" in wrong.stderr, wrong.stderr
+    secrets["secret"].write_text(account["client_secret"])
+    secrets["code"].write_text(codes[1])  # the first was spent, as Zoho's would be
+    done = run_zohofs(*args)
+    assert done.returncode == 0, done.stderr
+    written = tmp_path / "conf" / "config.toml"
+    assert stat.S_IMODE(written.stat().st_mode) == 0o600
+    assert written.read_text().strip() in done.stdout  # what it printed is what it wrote
+    listed = run_zohofs("ls", "--config", str(written))
+    assert listed.returncode == 0, listed.stderr
+
+
+def test_an_untrusted_certificate_is_named_as_such(
+        tls_emulator: dict[str, list[str]], tmp_path: Path) -> None:
+    [config] = tls_emulator["config"]
+    untrusting = tmp_path / "c.toml"
+    untrusting.write_text("\n".join(line for line in Path(config).read_text().splitlines()
+                                    if not line.startswith("ca_file")))
+    untrusting.chmod(0o600)
+    listed = run_zohofs("ls", "--config", str(untrusting))
+    assert listed.returncode != 0
+    assert "certificate verify failed" in listed.stderr and "ca_file" in listed.stderr, (
+        listed.stderr)

@@ -24,6 +24,7 @@ from zohofs.errors import (
     SignInUnavailable,
     TransportError,
     again,
+    reason,
 )
 from zohofs.tokenstore import SharedTokens, StoreUnusable, TokenStore
 
@@ -125,8 +126,7 @@ async def post_token_request(client: httpx.AsyncClient, accounts_url: str,
     try:
         response = await client.post(f"{accounts_url.rstrip('/')}/oauth/v2/token", data=form)
     except httpx.HTTPError as exc:
-        raise TransportError(f"cannot reach Zoho Accounts ({host}): "
-                             f"{type(exc).__name__}: {exc}") from None
+        raise TransportError(f"cannot reach Zoho Accounts ({host}): {reason(exc)}") from None
     if response.status_code >= 500:
         raise TransportError(f"Zoho Accounts ({host}) answered HTTP {response.status_code}",
                              status=response.status_code)

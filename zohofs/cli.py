@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--output", metavar="FILE", type=Path,
                     help=f"where to store the refresh token (default {login.default_token_path()})")
     lg.add_argument("--ca-file", metavar="PEM", help="also trust this CA ($SSL_CERT_FILE too)")
+    lg.add_argument("--api-url", metavar="URL", help="override the API server (kept in the "
+                                                     "config it prints)")
+    lg.add_argument("--trust-host", action="append", metavar="HOST[:PORT]",
+                    help="also send the token to this host (kept in the config it prints)")
+    lg.add_argument("--write-config", metavar="FILE", type=Path,
+                    help="write the config it prints to FILE (mode 600), not only print it")
     lg.add_argument("-d", "--debug", action="store_true", help="log every request")
 
     e = sub.add_parser("emulator", help="run the built-in Zoho emulator")
@@ -358,16 +364,25 @@ def cmd_login(args: argparse.Namespace) -> int:
     path = args.output or login.default_token_path()
     login.store_secret(path, refresh_token)
     # A secret typed at the prompt is kept too: the mount needs it with every refresh.
-    secret_path = None
+    # The config names the file the secret came from, or the one a typed secret is
+    # kept in; from the environment there is no file to name.
+    secret_path: Path | None = Path(args.client_secret_file) if args.client_secret_file \
+        else Path(top["client_secret_file"]) if "client_secret_file" in top else None
     if not known.get("client_secret"):
         secret_path = path.with_name("client-secret")
         login.store_secret(secret_path, client_secret)
     default_url = f"https://{DATA_CENTRES[dc].accounts}"
-    text = login.config_text(client_id, secret_path, path, dc,
-                             accounts_url if accounts_url != default_url else None)
+    text = login.config_text(
+        client_id, secret_path, path, dc,
+        accounts_url=accounts_url if accounts_url != default_url else None,
+        api_url=args.api_url or top.get("api_url"), ca_file=cfg.ca_file,
+        trust_hosts=args.trust_host or top.get("trust_hosts", ()))
+    if args.write_config:
+        login.store_secret(args.write_config, text.rstrip("\n"))
     print(login.summary(path, secret_path, text,
-                        Path(args.config) if args.config else
-                        login.config_directory() / "config.toml"))
+                        args.write_config or (Path(args.config) if args.config else
+                                              login.config_directory() / "config.toml"),
+                        written=bool(args.write_config)))
     return 0
 
 

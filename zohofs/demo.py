@@ -8,6 +8,7 @@ import os
 import signal
 import tempfile
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -16,6 +17,7 @@ from zohofs import config
 from zohofs.auth import Credentials
 from zohofs.config import Config, MiB, parse_size
 from zohofs.lifecycle import check_mountpoint, serve
+from zohofs.login import store_secret
 from zohofs.tree import view_name
 
 
@@ -41,21 +43,46 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     print(emulator.base_url, flush=True)
     if emulator.ca_path:
         print(f"ca-file: {emulator.ca_path}", flush=True)
+    accounts = []
     for zgid in sorted(emulator.current_job):
         account = emulator.add_account(zgid)
+        accounts.append(account)
         print(f"account: zgid={zgid} client_id={account.client_id} "
               f"client_secret={account.client_secret} "
               f"refresh_token={account.refresh_token}", flush=True)
-        # One grant code each, to rehearse `zohofs login --accounts-url ...` locally.
-        print(f"grant-code: zgid={zgid} code={emulator.add_grant_code(account)}", flush=True)
+        # Grant codes, to rehearse `zohofs login --accounts-url ...` locally (each is
+        # good once, as Zoho's are: a mistyped secret costs one).
+        for _ in range(GRANT_CODES):
+            print(f"grant-code: zgid={zgid} code={emulator.add_grant_code(account)}",
+                  flush=True)
     for link in links:
         print(f"link: {link}", flush=True)
-    emulator.start()
-    try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    finally:
-        emulator.stop()
+    with tempfile.TemporaryDirectory(prefix="zohofs-emulator-") as tmp:
+        if accounts:
+            print(f"config: {_write_config(emulator, accounts[0], Path(tmp))}", flush=True)
+        emulator.start()
+        try:
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        finally:
+            emulator.stop()
     return 0
+
+
+GRANT_CODES = 3
+
+
+def _write_config(emulator: Any, account: Any, directory: Path) -> Path:
+    """A config that `zohofs ls --config PATH` and `zohofs mount` use as they are."""
+    path = directory / "config.toml"
+    lines = [f'accounts_url = "{emulator.base_url}"', f'api_url = "{emulator.base_url}"',
+             f'trust_hosts = ["{emulator.host}:{emulator.port}"]',
+             f'client_id = "{account.client_id}"',
+             f'client_secret = "{account.client_secret}"',
+             f'refresh_token = "{account.refresh_token}"']
+    if emulator.ca_path:
+        lines.insert(2, f'ca_file = "{emulator.ca_path}"')
+    store_secret(path, "\n".join(lines))
+    return path
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -37,6 +37,8 @@ from __future__ import annotations
 import copy
 import errno as _errno
 import logging
+import socket
+import ssl
 from typing import TypeVar
 
 
@@ -204,3 +206,19 @@ def again(error: E) -> E:
     fresh = copy.copy(error)
     fresh.__traceback__ = None
     return fresh
+
+
+def reason(exc: BaseException) -> str:
+    """Why a connection failed, in words: the first exception of its chain that says
+    something (httpx's ConnectError around a refused certificate says nothing itself)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return (f"certificate verify failed: {seen.verify_message} (for a server with "
+                    "a certificate of its own CA, set ca_file)")
+        if isinstance(seen, socket.timeout | TimeoutError):
+            return "timed out"
+        if str(seen):
+            return f"{type(seen).__name__}: {seen}"
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__

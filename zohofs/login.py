@@ -3,8 +3,9 @@ refresh token."""
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -81,34 +82,48 @@ def store_secret(path: Path, secret: str) -> None:
         raise
 
 
-def config_text(client_id: str, secret_path: Path | None, token_path: Path, dc: str,
-                accounts_url: str | None) -> str:
-    """A config file that works as it is: the data centre, the client, where the secrets
-    are."""
+def config_text(client_id: str, secret_path: Path | None, token_path: Path, dc: str, *,
+                accounts_url: str | None = None, api_url: str | None = None,
+                ca_file: str | None = None, trust_hosts: Sequence[str] = ()) -> str:
+    """A config file that works as it is: the data centre, the servers and CA it was
+    given, the client, where the secrets are."""
     lines = [f'dc = "{dc}"'] if dc != "us" else []
-    if accounts_url:
-        lines.append(f'accounts_url = "{accounts_url}"')
-    lines.append(f'client_id = "{client_id}"')
+    for key, value in (("accounts_url", accounts_url), ("api_url", api_url),
+                       ("ca_file", ca_file)):
+        if value:
+            lines.append(f"{key} = {_toml(value)}")
+    if trust_hosts:
+        lines.append(f"trust_hosts = [{', '.join(_toml(h) for h in trust_hosts)}]")
+    lines.append(f"client_id = {_toml(client_id)}")
     if secret_path is not None:
-        lines.append(f'client_secret_file = "{secret_path}"')
+        lines.append(f"client_secret_file = {_toml(str(secret_path))}")
     else:
         lines.append('client_secret_file = "/path/to/client-secret"  # the file you gave')
-    lines.append(f'refresh_token_file = "{token_path}"')
+    lines.append(f"refresh_token_file = {_toml(str(token_path))}")
     return "\n".join(lines) + "\n"
 
 
+def _toml(text: str) -> str:
+    """A TOML basic string (JSON's escapes are TOML's)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 def summary(token_path: Path, secret_path: Path | None, config: str,
-            config_path: Path) -> str:
+            config_path: Path, written: bool) -> str:
     saved = f"Saved the refresh token to {token_path}"
     if secret_path is not None:
         saved += f" and the client secret to {secret_path}"
+    where = (f"Wrote this config to {config_path} (mode 600):" if written else
+             f"Put this in {config_path} (chmod 600):")
+    check = (f"zohofs ls --config {config_path}" if written else
+             "zohofs ls   (login --write-config FILE writes the config for you)")
     return f"""\
 {saved} (mode 600).
 
-Put this in {config_path} (chmod 600):
+{where}
 
 {config}
-Then try:  zohofs ls
+Then try:  {check}
 """
 
 

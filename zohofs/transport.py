@@ -23,7 +23,7 @@ from typing import TypeVar
 from urllib.parse import quote, urlsplit
 
 from zohofs.buffers import BufferPool
-from zohofs.errors import BadAnswer, TransportError
+from zohofs.errors import BadAnswer, TransportError, reason
 from zohofs.hosts import host_port
 
 T = TypeVar("T")
@@ -173,10 +173,10 @@ class Transport:
             conn.close()
             if _oversized_headers(exc):  # a server that will do it again: not retried
                 raise BadAnswer(f"{key[1]}:{key[2]} answered with oversized headers "
-                                f"({_describe(exc)})") from exc
+                                f"({reason(exc)})") from exc
             if exchange.aborted:
                 raise TransportError("request aborted") from exc
-            raise TransportError(f"cannot reach {key[1]}:{key[2]}: {_describe(exc)}") from exc
+            raise TransportError(f"cannot reach {key[1]}:{key[2]}: {reason(exc)}") from exc
         try:
             result = handle(response)
         except BaseException:
@@ -236,12 +236,6 @@ class OpenBody:
             self.connection.close()
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, socket.timeout | TimeoutError):
-        return "timed out"
-    return str(exc) or type(exc).__name__
-
-
 def read_exactly(response: http.client.HTTPResponse, length: int) -> memoryview:
     """The next ``length`` body bytes, or TransportError if the body ends early."""
     return read_pieces(response, length, length)[0]
@@ -274,7 +268,7 @@ def read_pieces(response: http.client.HTTPResponse, length: int, piece: int,
             pieces.append(view.toreadonly())
     except _CONNECTION_ERRORS as exc:
         raise TransportError(f"connection broke after {got} of {length} bytes: "
-                             f"{_describe(exc)}") from exc
+                             f"{reason(exc)}") from exc
     return pieces
 
 

@@ -13,7 +13,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 
 from zohofs.auth import TokenSource, authorization_header
-from zohofs.errors import ConfigError, DiscoveryError, SignInError
+from zohofs.errors import ConfigError, DiscoveryError, SignInError, reason
 from zohofs.hosts import DATA_CENTRES, HostPolicy
 from zohofs.logs import redact_url
 
@@ -146,8 +146,7 @@ async def list_backup(client: httpx.AsyncClient, api_url: str, version: int,
                         raise DiscoveryError(f"backup URLs answer over {MAX_LISTING} bytes "
                                              "refused (not a URL list)")
         except httpx.HTTPError as exc:
-            raise DiscoveryError(f"cannot reach {httpx.URL(url).host}: "
-                                 f"{type(exc).__name__}: {exc}") from None
+            raise DiscoveryError(f"cannot reach {httpx.URL(url).host}: {reason(exc)}") from None
         status, content = response.status_code, bytes(body)
         return status, content, _error_code(content) if status >= 400 else ""
 
