@@ -3,15 +3,23 @@ cron check see, and what the log says when a mount stops under open files."""
 
 from __future__ import annotations
 
+import ast
+import collections
 import contextlib
+import csv
 import errno
+import io
 import os
+import re
 import signal
 import subprocess
+import sys
+import zipfile
+from datetime import timedelta, timezone
 from pathlib import Path
 
-from tests.conftest import MountFactory, run_zohofs, write_config
-from tests.helpers import wait_for
+from tests.conftest import MiB, MountFactory, common_args, run_zohofs, write_config
+from tests.helpers import data_gets, fetched, wait_for
 from zohofs.emulator.backup import Backup
 from zohofs.emulator.server import EmulatedAccount, Emulator
 
@@ -107,3 +115,140 @@ def test_ls_warns_with_its_own_status_when_a_backup_expires_soon(
     assert "Data_001.zip" in soon.stdout  # the listing is printed all the same
     bad = run_zohofs(*args, "--expires-within", "soon")
     assert bad.returncode == 2 and "not a duration" in bad.stderr
+
+
+def test_names_people_read_are_links_that_backup_tools_keep_as_links(
+        mount_process: MountFactory, emulator: Emulator, account: EmulatedAccount,
+        backup: Backup, tmp_path: Path) -> None:
+    cfg = tmp_path / "named.toml"
+    cfg.write_text(f"""
+[[account]]
+name = "acme-crm"
+accounts_url = "{emulator.base_url}"
+api_url = "{emulator.base_url}"
+client_id = "{account.client_id}"
+client_secret = "{account.client_secret}"
+refresh_token = "{account.refresh_token}"
+""")
+    cfg.chmod(0o600)
+    m = mount_process("--config", str(cfg), *common_args(emulator))
+    zgid, job = backup.zgid, backup.job_id
+    # When the backup completed: its links' expiry less 7 days, in Zoho's zone.
+    made = (emulator.links_expire.astimezone(timezone(timedelta(hours=5, minutes=30)))
+            - timedelta(days=7)).date().isoformat()
+    assert os.readlink(m.path / "acme-crm") == zgid
+    assert os.readlink(m.path / zgid / "latest") == job
+    assert os.readlink(m.path / zgid / made) == job
+    assert sorted(os.listdir(m.path / zgid)) == sorted([job, "latest", made])
+    data = (m.path / "acme-crm" / "latest" / "Data_001.zip").read_bytes()
+    assert data == backup.files["Data_001.zip"]
+    copy = tmp_path / "copy"
+    assert subprocess.run(["rsync", "-a", f"{m.path}/", f"{copy}/"], timeout=120).returncode == 0
+    assert os.readlink(copy / zgid / "latest") == job and (copy / zgid / job).is_dir()
+    assert (copy / zgid / "latest").is_symlink()
+    env = {**os.environ, "RESTIC_REPOSITORY": str(tmp_path / "restic"),
+           "RESTIC_PASSWORD": "zohofs-test", "RESTIC_CACHE_DIR": str(tmp_path / "cache")}
+    for argv in (["restic", "init"], ["restic", "backup", str(m.path)],
+                 ["restic", "restore", "latest", "--target", str(tmp_path / "restored")]):
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    restored = tmp_path / "restored" / m.path.relative_to("/")
+    assert os.readlink(restored / zgid / made) == job
+    assert os.readlink(restored / "acme-crm") == zgid
+    # Each file once: stored through its real folder alone, the links not followed.
+    listed = subprocess.run(["restic", "ls", "latest"], env=env, capture_output=True,
+                            text=True, timeout=120, check=True).stdout.splitlines()
+    assert sum(line.endswith("/Data_001.zip") for line in listed) == 1, listed
+
+
+def readme_block(starting: str) -> str:
+    """The README's fenced code block that begins with ``starting``."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks: list[str] = re.findall(r"```\w*\n(.*?)```", text, re.S)
+    return next(block for block in blocks if block.startswith(starting))
+
+
+def test_the_readmes_duckdb_question_answers_from_the_mount(
+        mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
+    m = mount("--expand")
+    code = readme_block("import duckdb").replace("/zoho/", f"{m.path}/")
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    with zipfile.ZipFile(io.BytesIO(backup.files["Data_001.zip"])) as zf:
+        info = zf.getinfo("Data/Leads_001.csv")
+        rows = list(csv.DictReader(io.StringIO(zf.read(info).decode("utf-8-sig"))))
+    counts = collections.Counter(row["Lead Source"] for row in rows)
+    expected = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    assert ast.literal_eval(ran.stdout.strip()) == expected
+    fetched_once = fetched(data_gets(emulator, "Data_001.zip"))
+    assert fetched_once <= info.compress_size + 3 * MiB  # the CSV, not the part
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120)
+    assert again.stdout == ran.stdout
+    assert fetched(data_gets(emulator, "Data_001.zip")) == fetched_once  # from the cache
+
+
+def test_the_readmes_csv_lines_read_zohos_byte_order_mark(
+        mount: MountFactory, backup: Backup) -> None:
+    m = mount("--expand")
+    code = readme_block("import csv, glob").replace("/zoho/", f"{m.path}/")
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    first = ran.stdout.splitlines()[0].split()
+    assert first[0].isdigit() and "@" in first[1]
+
+
+SYSTEMD = Path(__file__).parents[1] / "systemd"
+
+
+def unit_commands(unit: str, mountpoint: Path) -> list[str]:
+    """The unit's ExecStartPre, ExecStart and ExecStartPost lines, in order, for a shell,
+    with the mount point a test's."""
+    commands = []
+    for line in (SYSTEMD / unit).read_text().splitlines():
+        key, _, command = line.partition("=")
+        if key in ("ExecStartPre", "ExecStart", "ExecStartPost"):
+            commands.append(command.lstrip("-").replace("/zoho", str(mountpoint)))
+    return commands
+
+
+def test_the_shipped_backup_job_copies_every_zip_and_restores_them_bit_for_bit(
+        mount: MountFactory, backup: Backup, tmp_path: Path) -> None:
+    m = mount("--expand")
+    password = tmp_path / "password"
+    password.write_text("zohofs-test\n")
+    env = {**os.environ, "RESTIC_REPOSITORY": str(tmp_path / "repo"),
+           "RESTIC_PASSWORD_FILE": str(password), "RESTIC_CACHE_DIR": str(tmp_path / "cache")}
+    commands = unit_commands("zohofs-backup.service", m.path)
+    assert any(c.startswith("/usr/bin/restic backup") for c in commands)
+    for _ in range(2):  # a second day: the repository is there already
+        for command in commands:
+            done = subprocess.run(command, shell=True, env=env, capture_output=True,
+                                  text=True, timeout=300)
+            assert done.returncode == 0, (command, done.stderr)
+    restored = tmp_path / "restored"
+    subprocess.run(["restic", "restore", "latest", "--target", str(restored)], env=env,
+                   check=True, capture_output=True, timeout=300)
+    job = restored / m.path.relative_to("/") / JOB
+    assert sorted(p.name for p in job.iterdir()) == sorted(backup.files)  # no --expand
+    for name, data in backup.files.items():
+        assert (job / name).read_bytes() == data, name
+    # Nothing to copy from is a failure, not an empty snapshot.
+    m.stop()
+    first = subprocess.run(commands[0], shell=True, env=env, capture_output=True,
+                           timeout=60)
+    assert first.returncode != 0
+
+
+def test_the_backup_units_verify(tmp_path: Path) -> None:
+    for unit in ("zohofs-backup.service", "zohofs-backup.timer"):
+        (tmp_path / unit).write_text((SYSTEMD / unit).read_text())
+    (tmp_path / "zohofs.service").write_text((SYSTEMD / "zohofs.service").read_text()
+                                             .replace("/usr/local/bin/zohofs", sys.executable))
+    result = subprocess.run(["systemd-analyze", "verify",
+                             *(str(tmp_path / u) for u in ("zohofs-backup.service",
+                                                            "zohofs-backup.timer"))],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr

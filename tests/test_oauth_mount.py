@@ -20,6 +20,7 @@ from tests.conftest import MiB, MountFactory, common_args, run_zohofs, write_con
 from tests.helpers import (
     Mount,
     file_sha256,
+    ids,
     is_mounted,
     reads_as,
     sha256,
@@ -49,7 +50,7 @@ def open_errno(path: Path) -> int:
 def test_discovery_builds_the_tree_and_rsync_copies_it(
         oauth_mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path) -> None:
     m = oauth_mount()
-    assert os.listdir(m.path) == [ZGID]
+    assert ids(m.path) == [ZGID]
     assert sorted(os.listdir(m.path / JOB)) == sorted(backup.files)
     subprocess.run(["rsync", "-a", f"{m.path}/", f"{tmp_path / 'copy'}/"], check=True)
     for name, data in backup.files.items():
@@ -178,7 +179,7 @@ def test_a_new_backup_appears_on_lookup_and_the_old_one_leaves(
         # A lookup of the new job id lists again, once.
         assert sorted(os.listdir(m.path / ZGID / NEW_JOB)) == sorted(new.files)
         assert listings(emulator) == 2
-        assert os.listdir(m.path / ZGID) == [NEW_JOB]
+        assert ids(m.path / ZGID) == [NEW_JOB]
         # The kernel forgets the old entries too, not only when their cache time runs out.
         wait_for(lambda: not (m.path / JOB).exists(), 10, "the old backup to leave")
         # An open file of the backup that left keeps reading.
@@ -197,7 +198,7 @@ def test_the_listing_is_refreshed_periodically(
         oauth_mount: MountFactory, emulator: Emulator) -> None:
     m = oauth_mount("--listing-interval", "0.5")
     emulator.add_backup(generate(seed=9, size=2 * MiB, job_id=NEW_JOB))
-    wait_for(lambda: os.listdir(m.path / ZGID) == [NEW_JOB], 15, "the new backup")
+    wait_for(lambda: ids(m.path / ZGID) == [NEW_JOB], 15, "the new backup")
 
 
 def test_expired_links_give_eacces_and_say_so(
@@ -279,7 +280,7 @@ def test_ls_runs_mounts_and_restarts_share_one_access_token(
         assert result.returncode == 0, result.stderr
     for i in range(3):  # a mount, and two restarts
         m = oauth_mount(name=f"mnt{i}")
-        assert os.listdir(m.path) == [ZGID]
+        assert ids(m.path) == [ZGID]
         assert (m.path / JOB / "Data_001.zip").read_bytes() == backup.files["Data_001.zip"]
         assert m.stop() == 0
     assert sum(p == "/oauth/v2/token" for p in emulator.arrived) == 1
@@ -319,7 +320,7 @@ def test_a_mount_started_during_a_lock_out_serves_once_it_lifts(
     shared = json.loads(store.read_text())
     assert shared["paused_until"] > time.time()
     store.write_text(json.dumps({**shared, "paused_until": time.time() - 1}))
-    wait_for(lambda: os.listdir(m.path) == [ZGID], 20, "the tree after the lock-out")
+    wait_for(lambda: ids(m.path) == [ZGID], 20, "the tree after the lock-out")
     assert (m.path / JOB / "Data_001.zip").read_bytes() == backup.files["Data_001.zip"]
     assert len(emulator.issued) == 1
 
@@ -354,7 +355,7 @@ def test_explicit_links_still_work_next_to_an_account(
     emulator.current_job[ZGID] = backup.job_id
     cfg = write_config(tmp_path / "c.toml", emulator, account)
     m: Mount = mount_process("--config", str(cfg), "--link", links[0], *common_args(emulator))
-    assert sorted(os.listdir(m.path / ZGID)) == [older.job_id, backup.job_id]
+    assert sorted(ids(m.path / ZGID)) == [older.job_id, backup.job_id]
     name = links[0].rsplit("/", 1)[1]
     assert (m.path / ZGID / older.job_id / name).read_bytes() == older.files[name]
     assert len(emulator.issued) == 1
@@ -378,7 +379,7 @@ refresh_token = "{a.refresh_token}"
                    + tables)
     cfg.chmod(0o600)
     m = mount_process("--config", str(cfg), *common_args(emulator))
-    assert sorted(os.listdir(m.path)) == sorted([ZGID, sister.zgid])
+    assert sorted(ids(m.path)) == sorted([ZGID, sister.zgid])
     # Each org's files are read with that org's own token (the emulator checks).
     assert (m.path / JOB / "Data_001.zip").read_bytes() == backup.files["Data_001.zip"]
     assert (m.path / sister.zgid / sister.job_id / "Data_001.zip").read_bytes() == (
@@ -393,7 +394,7 @@ def test_a_failed_listing_at_start_leaves_a_live_mount_that_catches_up(
     m = oauth_mount("--listing-interval", "3600", env={"ZOHOFS_LOOKUP_REFRESH_INTERVAL": "1"})
     m.expect_log("cannot list backups")
     assert "cannot list backups" in m.log
-    wait_for(lambda: os.listdir(m.path) == [ZGID], 15, "the next listing")
+    wait_for(lambda: ids(m.path) == [ZGID], 15, "the next listing")
     assert (m.path / JOB / "Data_001.zip").read_bytes() == backup.files["Data_001.zip"]
 
 

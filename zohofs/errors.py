@@ -8,6 +8,7 @@ Exception tree (each class carries its errno and the log level it deserves)::
     ├── NoSuchEntry                  ENOENT  a name that is not in the tree
     ├── IsADirectory                 EISDIR  open() of a folder
     ├── NotADirectory                ENOTDIR a path through a file, readdir of a file
+    ├── NotALink                     EINVAL  readlink of anything but a symbolic link
     ├── NoAttribute                  ENODATA a missing xattr
     ├── SignInError                  EACCES  Zoho Accounts refused the refresh token or client
     │   ├── SignInThrottled          EBUSY   too many token refreshes: waiting it out
@@ -68,6 +69,11 @@ class IsADirectory(ZohofsError):
 
 class NotADirectory(ZohofsError):
     errno = _errno.ENOTDIR
+    log_level = logging.DEBUG
+
+
+class NotALink(ZohofsError):
+    errno = _errno.EINVAL
     log_level = logging.DEBUG
 
 

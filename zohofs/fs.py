@@ -18,7 +18,6 @@ import os
 import stat
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
 
 import trio
 
@@ -26,17 +25,15 @@ from zohofs.access import Access
 from zohofs.auth import TokenSource
 from zohofs.blocks import BlockReader, OpenFile
 from zohofs.deadline import READ_DEADLINE, deadline
-from zohofs.errors import IsADirectory, NoSuchEntry, NotADirectory, ReadOnly
+from zohofs.errors import IsADirectory, NoSuchEntry, NotADirectory, NotALink, ReadOnly
 from zohofs.expand import Expander, OpenMember
 from zohofs.probes import Prober
 from zohofs.remote import RangeReader
 from zohofs.status import STATUS_XATTR, file_xattrs, snapshot
-from zohofs.tree import ROOT_INODE, KernelCache, Node, Tree
+from zohofs.tree import BACKUP_LINK_LIFETIME, ROOT_INODE, KernelCache, Node, Tree
 from zohofs.zipread import Checkpoints
 from zohofs.zoho import BackupFile
 
-# Zoho's sample expiry dates are exactly 7 days after the backup completed.
-LINK_LIFETIME = timedelta(days=7)
 # How long the kernel may keep names and attributes. Short for entries that failed, so
 # that the next access asks (and probes) again.
 GOOD_TIMEOUT = 60.0
@@ -90,6 +87,7 @@ class ZohoFS:
         self.read_deadline = read_deadline
         self.stats = reader.stats
         self._open: dict[int, OpenFile | OpenMember] = {}
+        self._none_open = trio.Event()
         self._next_fh = 1
 
     # -- the tree ------------------------------------------------------------------------
@@ -117,6 +115,9 @@ class ZohoFS:
     def _mtime(self, node: Node) -> float:
         if node.member is not None:
             return node.member.mtime
+        if node.link is not None:  # the time of what it points to
+            target = self.tree.node(node.parent).children.get(node.link)
+            return self._mtime(self.tree.node(target)) if target else 0.0
         if node.view is not None and node.ino == node.view.root:
             # X/ shows X.zip's time, also before anyone looked in.
             return self._mtime(self.tree.node(node.view.archive))
@@ -124,7 +125,7 @@ class ZohoFS:
             if node.info and node.info.last_modified is not None:
                 return node.info.last_modified
             if node.file.expires is not None:
-                return (node.file.expires - LINK_LIFETIME).timestamp()
+                return (node.file.expires - BACKUP_LINK_LIFETIME).timestamp()
             return 0.0
         return max((self._mtime(self.tree.node(c)) for c in node.children.values()),
                    default=0.0)
@@ -136,7 +137,9 @@ class ZohoFS:
         # members then costs one round trip per entry, not one per stat.
         known = node.file is None or (node.info is not None and not node.stale)
         access = self._access
-        if node.is_dir:
+        if node.link is not None:
+            mode, nlink, size = stat.S_IFLNK | 0o777, 1, len(os.fsencode(node.link))
+        elif node.is_dir:
             mode, nlink, size = stat.S_IFDIR | access.dir_mode, 2 + sum(
                 self.tree.node(c).is_dir for c in node.children.values()), 0
         elif node.member is not None:
@@ -188,6 +191,12 @@ class ZohoFS:
         """``.`` and ``..`` of a directory, at offsets 1 and 2 (`ls -a` shows them)."""
         node = self.directory(ino)
         return [(".", self.attr(node), 1), ("..", self.attr(self.tree.node(node.parent)), 2)]
+
+    def readlink(self, ino: int) -> str:
+        node = self.tree.node(ino)
+        if node.link is None:
+            raise NotALink(f"{node.name} is not a symbolic link")
+        return node.link
 
     def directory(self, ino: int) -> Node:
         node = self.tree.node(ino)
@@ -251,8 +260,16 @@ class ZohoFS:
         node.kernel_version = version
         return fh, keep_cache
 
+    async def wait_none_open(self) -> None:
+        """Return once no file is open."""
+        if self._open:
+            self._none_open = trio.Event()
+            await self._none_open.wait()
+
     def release(self, fh: int) -> None:
         handle = self._open.pop(fh, None)
+        if not self._open:
+            self._none_open.set()
         if isinstance(handle, OpenMember):
             self._archives.release(handle)
         elif handle is not None:

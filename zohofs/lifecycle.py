@@ -33,6 +33,8 @@ log = logging.getLogger("zohofs")
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter
 # How long in-flight requests get to finish after SIGTERM before they are cancelled.
 SHUTDOWN_GRACE = 2.0
+# How long a signal waits for the releases of files just closed before naming what is open.
+RELEASE_GRACE = 0.5
 # Discovery and size probes run before the mount goes live; a host that hangs must not
 # keep it from coming up (what is missing is fetched on access or at the next listing).
 STARTUP_DEADLINE = 30.0
@@ -126,7 +128,8 @@ async def serve(config: Config, on_ready: Callable[[], Awaitable[None]] | None =
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as outer:
                 fuse_scope = trio.CancelScope()
-                outer.start_soon(_stop_on_signal, signals, fuse_scope, runtime.fs.open_paths)
+                outer.start_soon(_stop_on_signal, signals, fuse_scope, runtime.fs.open_paths,
+                                 runtime.fs.wait_none_open)
                 outer.start_soon(dump_on_usr1)
                 try:
                     with fuse_scope:
@@ -186,8 +189,13 @@ def _unescape_mountinfo(field: str) -> str:
 
 
 async def _stop_on_signal(signals: AsyncIterator[int], fuse_scope: trio.CancelScope,
-                          open_paths: Callable[[], list[str]]) -> None:
+                          open_paths: Callable[[], list[str]],
+                          none_open: Callable[[], Awaitable[None]]) -> None:
     async for signum in signals:
+        # The kernel tells a close() to the filesystem after the closing process goes on:
+        # a copy that just ended may not have been heard of yet.
+        with trio.move_on_after(RELEASE_GRACE):
+            await none_open()
         cut = open_paths()
         if cut:
             # Their readers get ENOTCONN from now on: say which copies were cut short.

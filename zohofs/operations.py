@@ -173,6 +173,10 @@ class Operations(pyfuse3.Operations):
         return memoryview(self._reply)[:length]
 
     @handler
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return os.fsencode(self.fs.readlink(inode))
+
+    @handler
     async def release(self, fh: int) -> None:
         self.fs.release(fh)
 

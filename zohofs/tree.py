@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Container, Hashable, Iterable
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from typing import Protocol
 
 import trio
@@ -20,6 +21,8 @@ from zohofs.zipindex import Member
 from zohofs.zoho import BackupFile
 
 ROOT_INODE = 1
+# Zoho's sample expiry dates are exactly 7 days after the backup completed.
+BACKUP_LINK_LIFETIME = timedelta(days=7)
 LAST_RESERVED_INODE = 2  # readdir gives `.` and `..` offsets 1 and 2
 # A failed probe is not repeated sooner than this: the kernel serialises lookups of one
 # name, so without it N readers of a failing file would probe it N times in a row.
@@ -69,6 +72,7 @@ class Node:
     parent: int
     file: BackupFile | None = None  # None for directories and members
     member: Member | None = None  # a file inside an archive (--expand)
+    link: str | None = None  # a symbolic link's target, relative to its folder
     view: ArchiveView | None = None  # on X/ and on each folder and member in it
     children: dict[str, int] = field(default_factory=dict)
     # The children sorted by inode, for readdir; None since they last changed.
@@ -92,7 +96,7 @@ class Node:
 
     @property
     def is_dir(self) -> bool:
-        return self.file is None and self.member is None
+        return self.file is None and self.member is None and self.link is None
 
 
 def view_name(file_name: str) -> str | None:
@@ -148,6 +152,7 @@ class Tree:
                 if self._expand and folder is not None:
                     view = self.child(parent, folder, None)
                     view.view = view.view or ArchiveView(node.ino, view.ino)
+        self._relink()
         return added
 
     def set_files(self, files: Iterable[BackupFile]) -> list[Node]:
@@ -176,6 +181,53 @@ class Tree:
             self.removed(parent.ino, node.name)
             if not parent.children and parent.ino != ROOT_INODE:
                 self.detach(parent)
+
+    def _relink(self) -> None:
+        """The names people read, as symbolic links next to the ids: an org's account
+        name at the top (unless it is the only account's "default"), and in each org
+        ``latest`` and one link per backup named by its date (when the backup completed:
+        its links' expiry less 7 days, in Zoho's zone). Links, so that a file manager
+        follows them and rsync and restic store them as links, copying nothing twice."""
+        wanted: dict[int, dict[str, str]] = {ROOT_INODE: {}}
+        accounts: dict[str, set[str]] = {}
+        backups: dict[str, dict[str, date | None]] = {}
+        for node in self.files:
+            f = node.file
+            assert f is not None
+            accounts.setdefault(f.zgid, set()).add(f.account)
+            jobs = backups.setdefault(f.zgid, {})
+            known = jobs.setdefault(f.job_id, None)
+            if f.expires is not None:
+                made = (f.expires - BACKUP_LINK_LIFETIME).date()
+                jobs[f.job_id] = made if known is None else min(known, made)
+        root = self._nodes[ROOT_INODE]
+        for zgid, names in accounts.items():
+            name = next(iter(names)) if len(names) == 1 else ""
+            if name not in ("", "default", zgid):
+                wanted[ROOT_INODE][name] = zgid
+            org = self._nodes[root.children[zgid]]
+            jobs = backups[zgid]
+            links = wanted.setdefault(org.ino, {})
+            links["latest"] = max(jobs, key=lambda j: (jobs[j] or date.min, j))
+            for job in sorted(jobs, key=lambda j: (jobs[j] or date.min, j)):
+                day = jobs[job]
+                if day is not None:
+                    label, n = day.isoformat(), 2
+                    while label in links:
+                        label, n = f"{day.isoformat()} ({n})", n + 1
+                    links[label] = job
+        for folder in [self._nodes[ino] for ino in (ROOT_INODE, *root.children.values())]:
+            if not folder.is_dir:
+                continue
+            links = wanted.get(folder.ino, {})
+            for name, ino in list(folder.children.items()):
+                node = self._nodes[ino]
+                if node.link is not None and links.get(name) != node.link:
+                    self.detach(node)
+            for name, target in links.items():
+                if name in folder.children and self._nodes[folder.children[name]].link is None:
+                    continue  # a real entry has the name: it wins
+                self.child(folder, name, None).link = target
 
     def removed(self, parent: int, name: str) -> None:
         """Tell the kernel that ``name`` in ``parent`` left or changed."""
