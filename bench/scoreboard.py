@@ -23,6 +23,7 @@ import random
 import resource
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -39,13 +40,19 @@ from zohofs.emulator.server import Emulator
 
 MiB = 1 << 20
 JOB = "v2/crm/1/backup/2"
-PORT, CAPPED_PORT = 18443, 18444
 CAP = 20_000_000  # bytes per second per connection in the capped runs
 LATENCY = 0.03
 MEMBER = "Data/Leads_001.csv"
 BIG_CSV = "Data/Notes_001.csv"  # ~10 MB, deflated: scenario h
 READERS = 8
 TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def need(*commands_and_packages: tuple[str, str]) -> None:
@@ -178,6 +185,8 @@ class Bench:
         self.log = AccessLog(work / "access.log")
         self.ca = trustme.CA()
         self.ca_file = work / "ca.pem"
+        # Ports nothing else uses now (fixed ones failed when something else had them).
+        self.port, self.capped_port = free_port(), free_port()
 
     # setting up
 
@@ -216,7 +225,7 @@ class Bench:
     listen 127.0.0.1:{port} ssl; {limit}
     ssl_certificate {w}/server.pem; ssl_certificate_key {w}/server.pem;
     root {self.root}; autoindex on;
-  }}""" for port, limit in ((PORT, ""), (CAPPED_PORT, f"limit_rate {CAP};")))
+  }}""" for port, limit in ((self.port, ""), (self.capped_port, f"limit_rate {CAP};")))
         (w / "nginx.conf").write_text(f"""
 daemon off; worker_processes 2; pid {w}/nginx.pid; error_log {w}/error.log;
 events {{ worker_connections 512; }}
@@ -239,8 +248,8 @@ http {{
             nginx.terminate()
             nginx.wait()
 
-    def url(self, name: str, port: int = PORT) -> str:
-        return f"https://127.0.0.1:{port}/{JOB}/{name}"
+    def url(self, name: str, port: int | None = None) -> str:
+        return f"https://127.0.0.1:{port or self.port}/{JOB}/{name}"
 
     def zohofs(self, links: list[str], *extra: str, ca: Path | None = None,
                name: str = "mnt-zohofs") -> contextlib.AbstractContextManager[Proc]:
@@ -254,11 +263,12 @@ http {{
                 *[a for link in links for a in ("--link", link)], *extra]
         return mounted(argv, self.work / name)
 
-    def rclone(self, port: int = PORT) -> contextlib.AbstractContextManager[Proc]:
+    def rclone(self, port: int | None = None,
+               *extra: str) -> contextlib.AbstractContextManager[Proc]:
         path = self.work / "mnt-rclone"
         return mounted(["rclone", "mount", ":http:", str(path), "--http-url",
-                        f"https://127.0.0.1:{port}", "--ca-cert", str(self.ca_file),
-                        "--read-only"], path)
+                        f"https://127.0.0.1:{port or self.port}", "--ca-cert",
+                        str(self.ca_file), "--read-only", *extra], path)
 
     def zpath(self, name: str) -> Path:
         return self.work / "mnt-zohofs" / "1" / "2" / name
@@ -301,12 +311,12 @@ http {{
         """(b): 20 MB/s per connection, from nginx; and from the emulator with latency."""
         name = "Attachments_099.zip"
         wall, _ = timed(["curl", "-sf", "--cacert", str(self.ca_file), "-o", "/dev/null",
-                         self.url(name, CAPPED_PORT)])
+                         self.url(name, self.capped_port)])
         self.add("b capped nginx", "curl", gbps=self.capped_size / wall / 1e9)
-        with self.zohofs([self.url(name, CAPPED_PORT)]):
+        with self.zohofs([self.url(name, self.capped_port)]):
             wall, _ = timed(["cat", str(self.zpath(name))])
             self.add("b capped nginx", "zohofs", gbps=self.capped_size / wall / 1e9)
-        with self.rclone(CAPPED_PORT):
+        with self.rclone(self.capped_port):
             wall, _ = timed(["cat", str(self.rpath(name))])
             self.add("b capped nginx", "rclone mount", gbps=self.capped_size / wall / 1e9)
         with Emulator(tls=True, tokens={"bench-token"}) as emulator:
@@ -423,13 +433,20 @@ http {{
                      fetched_ratio=sent / total, gets=float(gets))
 
     def warm(self) -> None:
-        """(f): the second read of a file the cache holds."""
+        """(f): the second read of a file, each tool with a cache that holds it (zohofs's
+        block cache, the page cache, rclone's VFS cache on disk) and rclone with its
+        defaults (no cache of file contents) as well."""
         cache = str(self.size // MiB + 64)
         link = [self.url("Data_001.zip")]
         mounts: list[tuple[str, Callable[[], contextlib.AbstractContextManager[Proc]],
                            Callable[[str], Path]]] = [
-            ("zohofs", lambda: self.zohofs(link, "--cache-size", cache), self.zpath),
+            (f"zohofs --cache-size {cache}",
+             lambda: self.zohofs(link, "--cache-size", cache), self.zpath),
             ("zohofs --page-cache", lambda: self.zohofs(link, "--page-cache"), self.zpath),
+            ("rclone mount --vfs-cache-mode full",
+             lambda: self.rclone(None, "--vfs-cache-mode", "full", "--vfs-cache-max-size",
+                                 f"{cache}M", "--cache-dir", str(self.work / "rclone-cache")),
+             self.rpath),
             ("rclone mount", self.rclone, self.rpath)]
         for tool, mount, path in mounts:
             with mount():
@@ -468,6 +485,19 @@ def write_report(bench: Bench, out: Path) -> None:
     chart(bench.rows, out.with_suffix(".png"))
 
 
+def tool_colours(tools: list[str]) -> dict[str, str]:
+    """One colour per tool in every panel: zohofs's modes in blues, rclone's in oranges,
+    curl grey."""
+    families = {"zohofs": ["#1f4e9c", "#4a86e8", "#9fc5f8", "#0b2a5c"],
+                "rclone": ["#e69138", "#f6b26b", "#b45f06"], "curl": ["#777777", "#aaaaaa"]}
+    colours: dict[str, str] = {}
+    for tool in dict.fromkeys(tools):
+        family = next((f for f in families if tool.startswith(f)), "curl")
+        taken = sum(1 for t in colours if t.startswith(family))
+        colours[tool] = families[family][taken % len(families[family])]
+    return colours
+
+
 def chart(rows: list[Row], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -481,6 +511,7 @@ def chart(rows: list[Row], path: Path) -> None:
         scenarios = list(dict.fromkeys(r.scenario for r in chosen))
         tools = list(dict.fromkeys(r.tool for r in chosen))
         width = 0.8 / max(1, len(tools))
+        colours = tool_colours([r.tool for r in rows])
         for t, tool in enumerate(tools):
             xs, ys = [], []
             for s, scenario in enumerate(scenarios):
@@ -488,7 +519,7 @@ def chart(rows: list[Row], path: Path) -> None:
                     if r.scenario == scenario and r.tool == tool:
                         xs.append(s + t * width)
                         ys.append(float(r.values[metric]))
-            axis.bar(xs, ys, width, label=tool)
+            axis.bar(xs, ys, width, label=tool, color=colours[tool])
         axis.set_xticks([s + width * (len(tools) - 1) / 2 for s in range(len(scenarios))])
         axis.set_xticklabels(scenarios, rotation=20, ha="right", fontsize=8)
         axis.set_title(title)

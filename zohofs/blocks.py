@@ -53,6 +53,10 @@ class OpenFile:
 
 
 class BlockReader:
+    """One class, about 270 lines: claiming, prefetching, holding and dropping chunks
+    share the cache, the budget and each handle's held chunks, whose invariants (a
+    chunk claimed once, a held chunk counted once) are easier to keep in one place."""
+
     def __init__(self, remote: RangeReader, tokens: Mapping[str, TokenSource], *,
                  cache_size: int, max_request: int, max_ahead: int, read_deadline: float,
                  kernel: KernelCache | None = None,

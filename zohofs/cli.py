@@ -5,30 +5,26 @@ do the work (the mount's life is lifecycle.py's, the demo demo.py's)."""
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import trio
 
-from zohofs import __version__, config, login, mountopts, status
+from zohofs import __version__, config, listing, login, mountopts, status
 from zohofs.config import Config, access_token
 from zohofs.demo import cmd_demo, cmd_emulator
 from zohofs.errors import ConfigError, ZohofsError
 from zohofs.hosts import DATA_CENTRES
 from zohofs.lifecycle import check_mountpoint, serve, serve_in_background
 from zohofs.logs import setup as setup_logging
-from zohofs.runtime import fatal_sign_in_errors, open_runtime, read_links
+from zohofs.runtime import read_links
 
 log = logging.getLogger("zohofs")
 
@@ -55,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", help="list what would be mounted, without mounting")
     _add_source_options(ls)
-    ls.add_argument("--expires-within", metavar="DURATION", type=_duration,
+    ls.add_argument("--expires-within", metavar="DURATION", type=listing.duration,
                     help="exit 3, naming them, when backups expire within DURATION "
                          "(e.g. 48h, 2d, 90m): for a cron or monitoring check")
 
@@ -262,128 +258,16 @@ def _status_text(args: argparse.Namespace) -> str:
     return status.describe(args.mountpoint, figures)
 
 
-# -- ls ------------------------------------------------------------------------------------
-
-async def list_backups(cfg: Config, expires_within: timedelta | None = None) -> int:
-    """Print what would be mounted. Exit 0 when every file was listed and probed; 2 when
-    sign-in failed for a reason waiting will not fix (as `mount` does); else 1, also when
-    there is nothing to list: a cron check must notice; 3 when all is well but a backup
-    expires within ``expires_within``."""
-    # The failures of sign-in and listing are printed below, once each: not also logged.
-    for name in ("zohofs.auth", "zohofs.catalog"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    async with open_runtime(cfg) as runtime:
-        errors = await runtime.catalog.refresh()
-        for error in errors:
-            print(f"zohofs: error: {error}", file=sys.stderr)
-        fatal = fatal_sign_in_errors(errors)
-        if fatal and len(fatal) == len(runtime.sources) and not cfg.links:
-            return 2
-        rows = [("ZGID", "JOB", "FILE", "SIZE", "EXPIRES")]
-        failed = bool(errors)
-        for node in sorted(runtime.fs.files, key=lambda n: n.file.path if n.file else ""):
-            assert node.file is not None
-            if node.info is not None:
-                size = str(node.info.size)
-            else:
-                failed = True
-                size = f"error: {node.failure.error}" if node.failure else "?"
-            expires = node.file.expires.isoformat() if node.file.expires else "-"
-            rows.append((node.file.zgid, node.file.job_id, node.file.name, size, expires))
-        if len(rows) == 1:
-            print("zohofs: no backup files" + (
-                "" if errors else " (Zoho lists none, or every link was refused: see "
-                                  "the warnings above)"), file=sys.stderr)
-            return 1
-        else:
-            widths = [max(len(r[i]) for r in rows) for i in range(4)]
-            for r in rows:
-                print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[4])
-        if failed:
-            return 1
-        return 3 if expires_within is not None and _expiring(runtime, expires_within) else 0
-
-
-def _expiring(runtime: Any, within: timedelta) -> bool:
-    """Say which backups expire within ``within``; True if any does."""
-    now = datetime.now(UTC)
-    soon = sorted({(n.file.expires, f"{n.file.zgid}/{n.file.job_id}") for n in runtime.fs.files
-                   if n.file and n.file.expires and n.file.expires - now <= within})
-    for expires, backup in soon:
-        left = max(expires - now, timedelta(0))
-        print(f"zohofs: backup {backup} expires in {left.total_seconds() / 3600:.0f} h "
-              f"({expires.astimezone().isoformat(sep=' ', timespec='minutes')}): copy it "
-              "before then", file=sys.stderr)
-    return bool(soon)
-
-
-def _duration(text: str) -> timedelta:
-    """``48h``, ``2d``, ``90m``, ``30s`` or a number of seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 48h, 2d)")
-    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
-    return timedelta(seconds=float(match[1]) * unit)
-
+# -- ls and login --------------------------------------------------------------------------
 
 def cmd_ls(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     _log_as_configured(cfg)
-    return trio.run(list_backups, cfg, args.expires_within)
+    return trio.run(listing.list_backups, cfg, args.expires_within)
 
-
-# -- login ---------------------------------------------------------------------------------
 
 def cmd_login(args: argparse.Namespace) -> int:
-    _, top, _ = config.read_config_file(args.config, os.environ, args.strict)
-    dc = args.dc or os.environ.get("ZOHOFS_DC") or top.get("dc", "us")
-    accounts_url = (args.accounts_url or os.environ.get("ZOHOFS_ACCOUNTS_URL")
-                    or top.get("accounts_url") or f"https://{DATA_CENTRES[dc].accounts}")
-    print(login.instructions(accounts_url))
-    secret_flags = {"client_id": args.client_id_file, "client_secret": args.client_secret_file}
-    known = config.find_secrets(config.single_account_sources(secret_flags, os.environ, top),
-                                args.strict)
-    client_id = known.get("client_id") or login.ask("Client ID: ", input)
-    client_secret = known.get("client_secret") or login.ask("Client Secret: ", getpass.getpass)
-    if args.code_file:
-        code = config.read_secret_file(args.code_file, "grant code")
-    else:
-        code = login.ask("Grant code: ", input)
-    cfg = Config(ca_file=args.ca_file or top.get("ca_file"))
-
-    async def exchange() -> str:
-        async with httpx.AsyncClient(verify=cfg.ssl_context(), timeout=cfg.timeout) as client:
-            return await login.exchange_code(client, accounts_url, client_id, client_secret,
-                                             code)
-
-    try:
-        refresh_token = trio.run(exchange)
-    except ZohofsError as exc:
-        print(f"zohofs: {exc}", file=sys.stderr)
-        return 1
-    path = args.output or login.default_token_path()
-    login.store_secret(path, refresh_token)
-    # A secret typed at the prompt is kept too: the mount needs it with every refresh.
-    # The config names the file the secret came from, or the one a typed secret is
-    # kept in; from the environment there is no file to name.
-    secret_path: Path | None = Path(args.client_secret_file) if args.client_secret_file \
-        else Path(top["client_secret_file"]) if "client_secret_file" in top else None
-    if not known.get("client_secret"):
-        secret_path = path.with_name("client-secret")
-        login.store_secret(secret_path, client_secret)
-    default_url = f"https://{DATA_CENTRES[dc].accounts}"
-    text = login.config_text(
-        client_id, secret_path, path, dc,
-        accounts_url=accounts_url if accounts_url != default_url else None,
-        api_url=args.api_url or top.get("api_url"), ca_file=cfg.ca_file,
-        trust_hosts=args.trust_host or top.get("trust_hosts", ()))
-    if args.write_config:
-        login.store_secret(args.write_config, text.rstrip("\n"))
-    print(login.summary(path, secret_path, text,
-                        args.write_config or (Path(args.config) if args.config else
-                                              login.config_directory() / "config.toml"),
-                        written=bool(args.write_config)))
-    return 0
+    return login.run(args)
 
 
 def from_mount_helper(argv: Sequence[str]) -> list[str] | None:

@@ -3,15 +3,22 @@ refresh token."""
 
 from __future__ import annotations
 
+import argparse
+import getpass
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
+import trio
 
+from zohofs import config
 from zohofs.auth import SCOPES, post_token_request
-from zohofs.errors import ConfigError, SignInError
+from zohofs.config import Config
+from zohofs.errors import ConfigError, SignInError, ZohofsError
+from zohofs.hosts import DATA_CENTRES
 
 
 def console_url(accounts_url: str) -> str:
@@ -137,3 +144,56 @@ def ask(prompt: str, read: Callable[[str], str]) -> str:
     if not value:
         raise ConfigError(f"nothing entered for: {prompt.strip(': ')}")
     return value
+
+
+def run(args: argparse.Namespace) -> int:
+    """`zohofs login`: ask for what is missing, exchange the code, store and print."""
+    _, top, _ = config.read_config_file(args.config, os.environ, args.strict)
+    dc = args.dc or os.environ.get("ZOHOFS_DC") or top.get("dc", "us")
+    accounts_url = (args.accounts_url or os.environ.get("ZOHOFS_ACCOUNTS_URL")
+                    or top.get("accounts_url") or f"https://{DATA_CENTRES[dc].accounts}")
+    print(instructions(accounts_url))
+    secret_flags = {"client_id": args.client_id_file, "client_secret": args.client_secret_file}
+    known = config.find_secrets(config.single_account_sources(secret_flags, os.environ, top),
+                                args.strict)
+    client_id = known.get("client_id") or ask("Client ID: ", input)
+    client_secret = known.get("client_secret") or ask("Client Secret: ", getpass.getpass)
+    if args.code_file:
+        code = config.read_secret_file(args.code_file, "grant code")
+    else:
+        code = ask("Grant code: ", input)
+    cfg = Config(ca_file=args.ca_file or top.get("ca_file"))
+
+    async def exchange() -> str:
+        async with httpx.AsyncClient(verify=cfg.ssl_context(), timeout=cfg.timeout) as client:
+            return await exchange_code(client, accounts_url, client_id, client_secret,
+                                             code)
+
+    try:
+        refresh_token = trio.run(exchange)
+    except ZohofsError as exc:
+        print(f"zohofs: {exc}", file=sys.stderr)
+        return 1
+    path = args.output or default_token_path()
+    store_secret(path, refresh_token)
+    # A secret typed at the prompt is kept too: the mount needs it with every refresh.
+    # The config names the file the secret came from, or the one a typed secret is
+    # kept in; from the environment there is no file to name.
+    secret_path: Path | None = Path(args.client_secret_file) if args.client_secret_file \
+        else Path(top["client_secret_file"]) if "client_secret_file" in top else None
+    if not known.get("client_secret"):
+        secret_path = path.with_name("client-secret")
+        store_secret(secret_path, client_secret)
+    default_url = f"https://{DATA_CENTRES[dc].accounts}"
+    text = config_text(
+        client_id, secret_path, path, dc,
+        accounts_url=accounts_url if accounts_url != default_url else None,
+        api_url=args.api_url or top.get("api_url"), ca_file=cfg.ca_file,
+        trust_hosts=args.trust_host or top.get("trust_hosts", ()))
+    if args.write_config:
+        store_secret(args.write_config, text.rstrip("\n"))
+    print(summary(path, secret_path, text,
+                        args.write_config or (Path(args.config) if args.config else
+                                              config_directory() / "config.toml"),
+                        written=bool(args.write_config)))
+    return 0
