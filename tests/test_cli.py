@@ -197,7 +197,7 @@ def test_login_writes_the_config_it_prints_and_it_works(
             str(secrets["code"]), "--output", str(tmp_path / "conf" / "refresh-token"),
             "--write-config", str(tmp_path / "conf" / "config.toml")]
     wrong = run_zohofs(*args)
-    assert wrong.returncode == 1 and "wrong client secret" in wrong.stderr, wrong.stderr
+    assert wrong.returncode == 2 and "wrong client secret" in wrong.stderr, wrong.stderr
     secrets["secret"].write_text(account["client_secret"])
     secrets["code"].write_text(codes[1])  # the first was spent, as Zoho's would be
     done = run_zohofs(*args)

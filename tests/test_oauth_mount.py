@@ -343,7 +343,7 @@ def test_login_stores_the_refresh_token_privately(
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     # A code works once.
     result = run_zohofs(*args)
-    assert result.returncode == 1 and "grant code" in result.stderr
+    assert result.returncode == 2 and "grant code" in result.stderr
 
 
 def test_explicit_links_still_work_next_to_an_account(

@@ -116,8 +116,8 @@ class ZohoFS:
         if node.member is not None:
             return node.member.mtime
         if node.link is not None:  # the time of what it points to
-            target = self.tree.node(node.parent).children.get(node.link)
-            return self._mtime(self.tree.node(target)) if target else 0.0
+            target = self.tree.resolve(node)
+            return self._mtime(target) if target else 0.0
         if node.view is not None and node.ino == node.view.root:
             # X/ shows X.zip's time, also before anyone looked in.
             return self._mtime(self.tree.node(node.view.archive))

@@ -17,14 +17,21 @@ import trio
 from zohofs import config
 from zohofs.auth import SCOPES, post_token_request
 from zohofs.config import Config
-from zohofs.errors import ConfigError, SignInError, ZohofsError
+from zohofs.errors import (
+    ConfigError,
+    SignInError,
+    SignInThrottled,
+    SignInUnavailable,
+    ZohofsError,
+)
 from zohofs.hosts import DATA_CENTRES
 
 
 def console_url(accounts_url: str) -> str:
     """Zoho's API console of the same data centre (accounts.zoho.eu -> api-console.zoho.eu)."""
-    host = httpx.URL(accounts_url).host
-    return f"https://{host.replace('accounts.', 'api-console.', 1)}"
+    url = httpx.URL(accounts_url)
+    port = f":{url.port}" if url.port else ""
+    return f"https://{url.host.replace('accounts.', 'api-console.', 1)}{port}"
 
 
 def instructions(accounts_url: str) -> str:
@@ -173,7 +180,10 @@ def run(args: argparse.Namespace) -> int:
         refresh_token = trio.run(exchange)
     except ZohofsError as exc:
         print(f"zohofs: {exc}", file=sys.stderr)
-        return 1
+        # Refused (a wrong code, client or secret): fix it first, as the exit table says.
+        refused = isinstance(exc, SignInError) and not isinstance(
+            exc, SignInThrottled | SignInUnavailable)
+        return 2 if refused else 1
     path = args.output or default_token_path()
     store_secret(path, refresh_token)
     # A secret typed at the prompt is kept too: the mount needs it with every refresh.

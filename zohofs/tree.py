@@ -23,6 +23,8 @@ from zohofs.zoho import BackupFile
 ROOT_INODE = 1
 # Zoho's sample expiry dates are exactly 7 days after the backup completed.
 BACKUP_LINK_LIFETIME = timedelta(days=7)
+# The folder of links that name each org by its account's name.
+BY_NAME = "by-name"
 LAST_RESERVED_INODE = 2  # readdir gives `.` and `..` offsets 1 and 2
 # A failed probe is not repeated sooner than this: the kernel serialises lookups of one
 # name, so without it N readers of a failing file would probe it N times in a row.
@@ -183,12 +185,14 @@ class Tree:
                 self.detach(parent)
 
     def _relink(self) -> None:
-        """The names people read, as symbolic links next to the ids: an org's account
-        name at the top (unless it is the only account's "default"), and in each org
-        ``latest`` and one link per backup named by its date (when the backup completed:
-        its links' expiry less 7 days, in Zoho's zone). Links, so that a file manager
-        follows them and rsync and restic store them as links, copying nothing twice."""
-        wanted: dict[int, dict[str, str]] = {ROOT_INODE: {}}
+        """The names people read, as symbolic links next to the ids: each org by its
+        account's name in ``by-name/`` (unless it is the only account's "default"), and in
+        each org ``latest`` and one link per backup named by its date (when the backup
+        completed: its links' expiry less 7 days, in Zoho's zone). Links, so that a file
+        manager follows them and rsync and restic store them as links, copying nothing
+        twice; the names of orgs one level down, so that a glob over ``/zoho/*/latest/``
+        meets each org once."""
+        wanted: dict[int, dict[str, str]] = {}
         accounts: dict[str, set[str]] = {}
         backups: dict[str, dict[str, date | None]] = {}
         for node in self.files:
@@ -201,10 +205,11 @@ class Tree:
                 made = (f.expires - BACKUP_LINK_LIFETIME).date()
                 jobs[f.job_id] = made if known is None else min(known, made)
         root = self._nodes[ROOT_INODE]
-        for zgid, names in accounts.items():
-            name = next(iter(names)) if len(names) == 1 else ""
-            if name not in ("", "default", zgid):
-                wanted[ROOT_INODE][name] = zgid
+        by_name = {name: f"../{zgid}" for zgid, names in accounts.items() if len(names) == 1
+                   for name in names if name not in ("", "default", zgid)}
+        if by_name:
+            wanted[self.child(root, BY_NAME, None).ino] = by_name
+        for zgid in accounts:
             org = self._nodes[root.children[zgid]]
             jobs = backups[zgid]
             links = wanted.setdefault(org.ino, {})
@@ -228,6 +233,17 @@ class Tree:
                 if name in folder.children and self._nodes[folder.children[name]].link is None:
                     continue  # a real entry has the name: it wins
                 self.child(folder, name, None).link = target
+
+    def resolve(self, link: Node) -> Node | None:
+        """The node a link points to (its targets are relative: ``x`` or ``../x``)."""
+        assert link.link is not None
+        at = self._nodes[link.parent]
+        for part in link.link.split("/"):
+            ino = at.parent if part == ".." else at.children.get(part)
+            if ino is None:
+                return None
+            at = self._nodes[ino]
+        return at
 
     def removed(self, parent: int, name: str) -> None:
         """Tell the kernel that ``name`` in ``parent`` left or changed."""
