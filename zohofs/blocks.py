@@ -21,6 +21,7 @@ import trio
 from zohofs.auth import TokenSource
 from zohofs.buffers import BufferPool
 from zohofs.cache import Abandoned, ChunkCache
+from zohofs.diskcache import DiskCache, version_name
 from zohofs.errors import AccessDenied, BadAnswer, RemoteChanged, TransportError, ZohofsError, again
 from zohofs.planner import CHUNK, PrefetchBudget, ReadPattern, chunk_range, slice_chunks
 from zohofs.probes import check_expiry, validated
@@ -50,6 +51,9 @@ class OpenFile:
     # Chunks fetched (or being fetched) ahead for this reader and not yet read, with the
     # bytes each took from the prefetch budget.
     held: dict[Hashable, int] = field(default_factory=dict)
+    # The version's name in the disk cache; None without one, or without validators
+    # (nothing would prove that a later mount reads the same bytes).
+    on_disk: str | None = None
 
 
 class BlockReader:
@@ -60,12 +64,14 @@ class BlockReader:
     def __init__(self, remote: RangeReader, tokens: Mapping[str, TokenSource], *,
                  cache_size: int, max_request: int, max_ahead: int, read_deadline: float,
                  kernel: KernelCache | None = None,
-                 also_cached: Callable[[], int] = lambda: 0) -> None:
+                 also_cached: Callable[[], int] = lambda: 0,
+                 disk: DiskCache | None = None) -> None:
         """``also_cached`` says how much other memory counts in ``cache_size``
         (``--expand``'s inflation checkpoints)."""
         self._remote = remote
         self._tokens = tokens
         self._kernel = kernel
+        self.disk = disk
         self.read_deadline = read_deadline
         self.stats = remote.stats
         # Up to half the cache may hold chunks fetched ahead of readers (never evicted
@@ -96,6 +102,10 @@ class BlockReader:
                               max_request=self._max_request)
         handle = OpenFile(node, node.file, info, pattern,
                           FileActivity(node.file.path, info.size), version)
+        if self.disk is not None and validated(info):
+            handle.on_disk = version_name(node.file.path,
+                                          (info.etag, info.last_modified, info.size))
+            self.disk.retire_others(handle.on_disk)
         self._open.add(handle)
         return handle
 
@@ -242,7 +252,7 @@ class BlockReader:
         pieces: list[memoryview] | None = None
         try:
             with trio.move_on_after(self.read_deadline if ahead else math.inf):
-                pieces = await self._fetch(handle, start, length)
+                pieces = await self._fetch_or_load(handle, run, start, length)
         except BaseException as exc:
             verdict = exc if isinstance(exc, ZohofsError) and not ahead else Abandoned()
             self._drop(handle, keys, verdict)
@@ -258,6 +268,21 @@ class BlockReader:
             return
         for key, data in zip(keys, pieces, strict=True):
             self.cache.arrive(key, data, hold=key in handle.held)
+
+    async def _fetch_or_load(self, handle: OpenFile, run: range, start: int,
+                             length: int) -> list[memoryview]:
+        """The chunks of ``run``: from the disk cache when it holds them all, else from
+        the server (and then kept on disk too)."""
+        disk, version = self.disk, handle.on_disk
+        if disk is None or version is None:
+            return await self._fetch(handle, start, length)
+        lengths = [self._chunk_length(handle, i) for i in run]
+        kept = await trio.to_thread.run_sync(disk.load, version, run.start, lengths)
+        if kept is not None:
+            return kept
+        pieces = await self._fetch(handle, start, length)
+        disk.store_soon(version, run.start, pieces)
+        return pieces
 
     def _drop(self, handle: OpenFile, keys: list[Hashable], verdict: BaseException) -> None:
         for key in keys:

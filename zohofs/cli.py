@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from zohofs import __version__, config, listing, login, mountopts, status
+from zohofs import __version__, config, diskcache, listing, login, mountopts, status
 from zohofs.config import Config, access_token
 from zohofs.demo import cmd_demo, cmd_emulator
 from zohofs.errors import ConfigError, ZohofsError
@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--write-config", metavar="FILE", type=Path,
                     help="write the config it prints to FILE (mode 600), not only print it")
     lg.add_argument("-d", "--debug", action="store_true", help="log every request")
+
+    c = sub.add_parser("cache", help="the disk cache: clear it (when no mount uses it)")
+    c.add_argument("action", choices=["clear"])
+    c.add_argument("--cache-dir", metavar="DIR",
+                   help="the directory (default: cache_dir of the config file)")
+    c.add_argument("--config", metavar="FILE", help="TOML config to read cache_dir from")
 
     e = sub.add_parser("emulator", help="run the built-in Zoho emulator")
     e.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
@@ -159,6 +165,11 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expand", action="store_true", default=None,
                    help="also show each X.zip's files (CSVs, attachments) in a folder X/ "
                         "next to it, read on demand; -o expand does the same")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="also keep fetched chunks on disk in DIR, for later reads and later "
+                        "mounts (made 0700: it holds CRM data); default: none")
+    p.add_argument("--cache-dir-size", metavar="SIZE",
+                   help="most the disk cache may hold (MiB, or with a unit: 20G); default 10G")
     p.add_argument("--uid", metavar="USER",
                    help="owner of everything in the mount (default: who mounts)")
     p.add_argument("--gid", metavar="GROUP",
@@ -199,7 +210,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "log_file": args.log_file, "log_level": args.log_level,
     }
     for key in ("cache_size", "block_size", "readahead", "page_cache", "expand", "uid", "gid",
-                "umask", "file_mode", "dir_mode"):
+                "umask", "file_mode", "dir_mode", "cache_dir", "cache_dir_size"):
         given[key] = getattr(args, key, None)
     flags = {**options.settings, **{k: v for k, v in given.items() if v is not None}}
     secret_flags = {"client_id": args.client_id_file, "client_secret": args.client_secret_file,
@@ -266,6 +277,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return trio.run(listing.list_backups, cfg, args.expires_within)
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    directory = args.cache_dir or config.read_config_file(args.config, os.environ,
+                                                          False)[1].get("cache_dir")
+    if not directory:
+        raise ConfigError("which cache? give --cache-dir DIR (or cache_dir in the config)")
+    freed = diskcache.clear(Path(directory))
+    print(f"zohofs: cleared {directory} ({freed / 1e6:.1f} MB)")
+    return 0
+
+
 def cmd_login(args: argparse.Namespace) -> int:
     return login.run(args)
 
@@ -314,4 +335,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "mount": cmd_mount, "status": cmd_status, "ls": cmd_ls, "login": cmd_login,
+    "cache": cmd_cache,
     "emulator": cmd_emulator, "demo": cmd_demo}

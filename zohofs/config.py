@@ -83,6 +83,8 @@ class Config:
     dir_mode: int | None = None
     log_file: str | None = None
     log_level: str | None = None  # None: info, or debug with --debug
+    cache_dir: str | None = None  # chunks kept on disk there (diskcache.py); None: none
+    cache_dir_size: int = 10 << 30
 
     @property
     def access(self) -> Access:

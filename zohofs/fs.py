@@ -25,6 +25,7 @@ from zohofs.access import Access
 from zohofs.auth import TokenSource
 from zohofs.blocks import BlockReader, OpenFile
 from zohofs.deadline import READ_DEADLINE, deadline
+from zohofs.diskcache import DiskCache
 from zohofs.errors import IsADirectory, NoSuchEntry, NotADirectory, NotALink, ReadOnly
 from zohofs.expand import Expander, OpenMember
 from zohofs.probes import Prober
@@ -71,7 +72,8 @@ class ZohoFS:
                  access: Access | None = None, read_deadline: float = READ_DEADLINE,
                  expand: bool = False, kernel: KernelCache | None = None,
                  tree: Tree | None = None, prober: Prober | None = None,
-                 on_miss: Callable[[str], Awaitable[bool]] | None = None) -> None:
+                 on_miss: Callable[[str], Awaitable[bool]] | None = None,
+                 disk: DiskCache | None = None) -> None:
         self.tree = tree or Tree(expand=expand, kernel=kernel)
         self.prober = prober or Prober(reader, tokens, read_deadline)
         # Inflation checkpoints (--expand) take up to an eighth of the cache budget.
@@ -79,7 +81,7 @@ class ZohoFS:
         self.blocks = BlockReader(reader, tokens, cache_size=cache_size,
                                   max_request=max_request, max_ahead=max_ahead,
                                   read_deadline=read_deadline, kernel=kernel,
-                                  also_cached=lambda: checkpoints.size)
+                                  also_cached=lambda: checkpoints.size, disk=disk)
         self._archives = Expander(self.tree, self.prober, self.blocks, checkpoints)
         self._tokens = tokens
         self._access = access or Access.from_settings()
@@ -211,7 +213,7 @@ class ZohoFS:
         """What the mount is doing, for `zohofs status` (the root's user.zohofs.status)."""
         return snapshot(self.stats, self.files, (h.activity for h in self._open.values()),
                         self.blocks.cache.size,
-                        sum(t.refreshes for t in self._tokens.values()))
+                        sum(t.refreshes for t in self._tokens.values()), self.blocks.disk)
 
     def open_paths(self) -> list[str]:
         """The paths of the files open now, for the log."""

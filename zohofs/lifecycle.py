@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pyfuse3
 import trio
@@ -22,6 +23,7 @@ import trio
 from zohofs import mountopts, systemd
 from zohofs.config import Config
 from zohofs.diagnose import dump_on_usr1
+from zohofs.diskcache import DiskCache
 from zohofs.errors import ConfigError, ZohofsError
 from zohofs.logs import background_handler, stderr_is_journal
 from zohofs.operations import KernelNotifier, Operations
@@ -104,7 +106,20 @@ async def serve(config: Config, on_ready: Callable[[], Awaitable[None]] | None =
     """Discover, mount, serve until unmounted or signalled, and always unmount."""
     _map_big_buffers()
     kernel = KernelNotifier()
-    async with open_runtime(config, kernel, probe_wait=PROBE_WAIT) as runtime:
+    disk = None
+    if config.cache_dir:
+        disk = DiskCache(Path(config.cache_dir), config.cache_dir_size)
+        disk.open()  # a directory another mount uses is refused before anything mounts
+    try:
+        await _serve(config, on_ready, kernel, disk)
+    finally:
+        if disk is not None:
+            disk.close()
+
+
+async def _serve(config: Config, on_ready: Callable[[], Awaitable[None]] | None,
+                 kernel: KernelNotifier, disk: DiskCache | None) -> None:
+    async with open_runtime(config, kernel, probe_wait=PROBE_WAIT, disk=disk) as runtime:
         with trio.move_on_after(STARTUP_DEADLINE):
             errors = await runtime.catalog.refresh()
             fatal = fatal_sign_in_errors(errors)

@@ -14,6 +14,7 @@ import httpx
 from zohofs.auth import OAuthTokens, StaticToken, TokenSource
 from zohofs.catalog import AccountSource, Catalog
 from zohofs.config import Config
+from zohofs.diskcache import DiskCache
 from zohofs.errors import (
     ConfigError,
     SignInError,
@@ -65,7 +66,8 @@ async def _log_answer(response: httpx.Response) -> None:
 
 @asynccontextmanager
 async def open_runtime(config: Config, kernel: KernelCache | None = None,
-                       probe_wait: float = math.inf) -> AsyncIterator[Runtime]:
+                       probe_wait: float = math.inf,
+                       disk: DiskCache | None = None) -> AsyncIterator[Runtime]:
     """The parts of a running zohofs; ``kernel`` hears what the kernel must forget
     (none for `ls`, which mounts nothing); a listing waits ``probe_wait`` at most for
     the sizes of new files."""
@@ -104,7 +106,7 @@ async def open_runtime(config: Config, kernel: KernelCache | None = None,
                         max_ahead=config.block_size * config.readahead_blocks,
                         access=config.access, read_deadline=config.read_timeout,
                         kernel=kernel, tree=tree, prober=prober,
-                        on_miss=catalog.refresh_for)
+                        on_miss=catalog.refresh_for, disk=disk)
             yield Runtime(fs, catalog, sources)
         finally:
             transport.close()

@@ -133,6 +133,8 @@ SETTINGS: dict[str, Callable[[Any], Any]] = {
     "links_file": _string,
     "uid": parse_user, "gid": parse_group, "umask": parse_octal, "file_mode": parse_octal,
     "dir_mode": parse_octal, "log_file": _string, "log_level": _log_level,
+    "cache_dir": _string,
+    "cache_dir_size": _ranged(lambda v: parse_size(v, MiB), 16 * MiB, unit="MiB"),
 }
 CREDENTIAL_KEYS = {k: _string for s in SECRETS for k in (s, f"{s}_file")}
 ACCOUNT_KEYS: dict[str, Callable[[Any], Any]] = {

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+from zohofs.diskcache import DiskCache
 from zohofs.errors import ConfigError
 from zohofs.logs import redact_url
 from zohofs.stats import FileActivity, Stats
@@ -20,11 +21,15 @@ STATUS_XATTR = "user.zohofs.status"
 
 
 def snapshot(stats: Stats, files: list[Node], open_files: Iterable[FileActivity],
-             cache_bytes: int, token_refreshes: int) -> dict[str, object]:
+             cache_bytes: int, token_refreshes: int,
+             disk: DiskCache | None = None) -> dict[str, object]:
     """The figures `zohofs status` shows, as JSON-ready values."""
     now = time.time()
     expiries = [n.file.expires for n in files if n.file and n.file.expires]
-    return {
+    on_disk = {} if disk is None else {"disk_cache_bytes": disk.size,
+                                       "disk_cache_hits": disk.hits,
+                                       "disk_cache_dropped": disk.dropped}
+    return {**on_disk,
         "mounted_since": datetime.fromtimestamp(stats.started, UTC).isoformat(),
         "files": len(files),
         "open_files": [activity.summary(now) for activity in open_files],
@@ -92,6 +97,9 @@ def describe(mountpoint: str, s: dict[str, Any]) -> str:
              + (f"; inflated {_mb(s['bytes_inflated'])}" if s.get("bytes_inflated") else ""),
              "errors: " + (", ".join(f"{k} {v}" for k, v in sorted(s["errors"].items()))
                            or "none")]
+    if "disk_cache_bytes" in s:
+        lines.append(f"disk cache {_mb(s['disk_cache_bytes'])}, {s['disk_cache_hits']} chunks "
+                     f"read from it, {s['disk_cache_dropped']} damaged ones dropped")
     lines.append(f"open files: {len(s['open_files'])}")
     for f in s["open_files"]:
         lines.append(f"  {f['path']}  {_mb(f['bytes_read'])} read of {_mb(f['size'])} "

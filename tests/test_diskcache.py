@@ -1,0 +1,173 @@
+"""--cache-dir on real mounts: what was fetched once is read from disk by later mounts;
+a damaged or half-written chunk is fetched again, never served; the directory stays
+within its size, private, and one mount's."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MiB, MountFactory, run_zohofs
+from tests.helpers import Mount, data_gets, sha256, wait_for
+from zohofs.diskcache import LAYOUT
+from zohofs.emulator.backup import Backup
+from zohofs.emulator.server import Emulator
+
+JOB = "757345985/4876876000001594004"
+NAME = "Attachments_001.zip"
+
+
+def chunk_files(cache: Path) -> list[Path]:
+    return [p for p in (cache / LAYOUT).glob("*/*") if not p.name.endswith(".tmp")]
+
+
+def cached_bytes(cache: Path) -> int:
+    total = 0
+    for path in chunk_files(cache):
+        with contextlib.suppress(FileNotFoundError):  # evicted meanwhile
+            total += path.stat().st_size
+    return total
+
+
+def copy_through(m: Mount, name: str = NAME) -> bytes:
+    return (m.path / JOB / name).read_bytes()
+
+
+def written(cache: Path, size: int) -> bool:
+    """The writer thread has put ``size`` bytes of chunks on disk (it writes behind)."""
+    return cached_bytes(cache) >= size
+
+
+def test_a_remount_reads_from_disk_and_fetches_nothing(
+        mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    data = backup.files[NAME]
+    first = mount("--cache-dir", str(cache), name="first")
+    assert sha256(copy_through(first)) == sha256(data)
+    wait_for(lambda: written(cache, len(data)), 20, "the chunks on disk")
+    assert first.stop() == 0
+    assert stat.S_IMODE((cache / LAYOUT).stat().st_mode) == 0o700
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700  # made by zohofs: private
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in chunk_files(cache))
+    before = len(data_gets(emulator, NAME))
+    second = mount("--cache-dir", str(cache), name="second")
+    assert sha256(copy_through(second)) == sha256(data)
+    assert len(data_gets(emulator, NAME)) == before  # every byte from disk
+    status = os.getxattr(second.path, "user.zohofs.status").decode()
+    assert '"disk_cache_hits": ' in status and '"disk_cache_hits": 0' not in status
+
+
+@pytest.fixture
+def filled(mount: MountFactory, backup: Backup, tmp_path: Path) -> Iterator[Path]:
+    cache = tmp_path / "cache"
+    m = mount("--cache-dir", str(cache), name="filler")
+    copy_through(m)
+    wait_for(lambda: written(cache, len(backup.files[NAME])), 20, "the chunks on disk")
+    assert m.stop() == 0
+    yield cache
+
+
+def test_damaged_and_half_written_chunks_are_fetched_again(
+        filled: Path, mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
+    chunks = sorted(chunk_files(filled), key=lambda p: int(p.name))
+    flipped, cut = chunks[3], chunks[5]
+    data = bytearray(flipped.read_bytes())
+    data[-100] ^= 0x01  # a bit flip on the disk
+    flipped.write_bytes(bytes(data))
+    cut.write_bytes(cut.read_bytes()[:1000])  # a full disk, or a crash mid-write
+    leftover = chunks[0].with_name("7.1234.tmp")  # kill -9 before the rename
+    leftover.write_bytes(b"half a chunk")
+    before = len(data_gets(emulator, NAME))
+    m = mount("--cache-dir", str(filled), name="again")
+    m.expect_log("disk cache: dropping the damaged chunk")
+    assert sha256(copy_through(m)) == sha256(backup.files[NAME])
+    assert len(data_gets(emulator, NAME)) > before  # the damaged ones came from the server
+    assert not leftover.exists()
+    wait_for(lambda: written(filled, len(backup.files[NAME])), 20, "the chunks rewritten")
+    assert m.stop() == 0
+    # Sound again: a third mount reads every byte from disk.
+    before = len(data_gets(emulator, NAME))
+    third = mount("--cache-dir", str(filled), name="third")
+    assert sha256(copy_through(third)) == sha256(backup.files[NAME])
+    assert len(data_gets(emulator, NAME)) == before
+
+
+def test_the_directory_stays_within_its_size(
+        mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    files = {**backup.files, "Attachments_009.zip": random.Random(9).randbytes(24 * MiB)}
+    emulator.add_file(backup.zgid, backup.job_id, "Attachments_009.zip",
+                      files["Attachments_009.zip"])
+    m = mount("--cache-dir", str(cache), "--cache-dir-size", "16", name="small")
+    for name, data in files.items():
+        assert copy_through(m, name) == data
+        assert cached_bytes(cache) <= 16 * MiB
+    assert sum(map(len, files.values())) > 2 * 16 * MiB
+    wait_for(lambda: cached_bytes(cache) > 12 * MiB, 20, "the cache to fill")
+    assert cached_bytes(cache) <= 16 * MiB
+
+
+def test_a_second_mount_of_one_directory_is_refused(
+        mount: MountFactory, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    mount("--cache-dir", str(cache), name="one")
+    (tmp_path / "two").mkdir()
+    (tmp_path / "token").write_text("t")
+    (tmp_path / "token").chmod(0o600)
+    refused = run_zohofs("mount", str(tmp_path / "two"), "--cache-dir", str(cache),
+                         "--link", "https://download-accl.zoho.com/v2/crm/1/backup/2/Data_001.zip",
+                         "--access-token-file", str(tmp_path / "token"))
+    assert refused.returncode == 2
+    assert "is in use by another zohofs mount" in refused.stderr
+    cleared = run_zohofs("cache", "clear", "--cache-dir", str(cache))
+    assert cleared.returncode == 2 and "in use" in cleared.stderr
+
+
+def test_cache_clear_empties_the_directory(filled: Path) -> None:
+    assert chunk_files(filled)
+    cleared = run_zohofs("cache", "clear", "--cache-dir", str(filled))
+    assert cleared.returncode == 0, cleared.stderr
+    assert not chunk_files(filled)
+
+
+def test_a_new_version_on_the_server_never_meets_the_old_chunks(
+        mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    m = mount("--cache-dir", str(cache), name="old")
+    copy_through(m)
+    wait_for(lambda: written(cache, len(backup.files[NAME])), 20, "the chunks on disk")
+    assert m.stop() == 0
+    new = bytes(reversed(backup.files[NAME]))
+    emulator.replace(next(p for p in emulator.files if p.endswith(NAME)), new)
+    again = mount("--cache-dir", str(cache), name="new")
+    assert sha256(copy_through(again)) == sha256(new)
+    # The old version's chunks are retired once the new one is opened.
+    wait_for(lambda: len({p.parent.name for p in chunk_files(cache)}) == 1, 20,
+             "the old chunks gone")
+
+
+def test_writing_stops_before_the_disk_is_full(
+        mount: MountFactory, backup: Backup, tmp_path: Path) -> None:
+    """A filesystem of 8 MiB for a cache allowed 1 GiB: zohofs stops at the margin."""
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(small)],
+                   check=True)
+    try:
+        m = mount("--cache-dir", str(small / "cache"), "--cache-dir-size", "1G", name="full")
+        m.expect_log("disk cache: less than 0.4 MB free under")
+        for name, data in backup.files.items():
+            assert copy_through(m, name) == data  # reads go on, from the server
+        wait_for(lambda: "less than 0.4 MB free" in m.log, 20, "the warning")
+        usage = os.statvfs(small)
+        assert usage.f_bavail * usage.f_frsize > 0
+        assert m.stop() == 0
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
