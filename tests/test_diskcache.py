@@ -171,3 +171,18 @@ def test_writing_stops_before_the_disk_is_full(
         assert m.stop() == 0
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_an_expanded_folder_is_listed_from_disk_after_a_restart(
+        mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    folder = JOB + "/Data_001/Data"
+    first = mount("--expand", "--cache-dir", str(cache), name="first")
+    listed = sorted(os.listdir(first.path / folder))
+    assert "Leads_001.csv" in listed
+    wait_for(lambda: bool(chunk_files(cache)), 20, "the index's chunks on disk")
+    assert first.stop() == 0
+    before = len(data_gets(emulator, "Data_001.zip"))
+    again = mount("--expand", "--cache-dir", str(cache), name="again")
+    assert sorted(os.listdir(again.path / folder)) == listed
+    assert len(data_gets(emulator, "Data_001.zip")) == before  # the central directory too
