@@ -53,7 +53,8 @@ def started_mounts_add(path: Path) -> None:
 def ids(path: Path) -> list[str]:
     """The entries of ``path`` that are not symbolic links: the orgs and backups by id,
     without the names zohofs gives them for people (``latest``, dates, account names)."""
-    return [name for name in os.listdir(path) if not os.path.islink(path / name)]
+    return [name for name in os.listdir(path)
+            if not os.path.islink(path / name) and name != "by-name"]
 
 
 def reads_as(path: Path, data: bytes) -> bool:

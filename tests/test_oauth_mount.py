@@ -380,6 +380,8 @@ refresh_token = "{a.refresh_token}"
     cfg.chmod(0o600)
     m = mount_process("--config", str(cfg), *common_args(emulator))
     assert sorted(ids(m.path)) == sorted([ZGID, sister.zgid])
+    assert os.readlink(m.path / "by-name" / "main") == f"../{ZGID}"
+    assert os.readlink(m.path / "by-name" / "sister") == f"../{sister.zgid}"
     # Each org's files are read with that org's own token (the emulator checks).
     assert (m.path / JOB / "Data_001.zip").read_bytes() == backup.files["Data_001.zip"]
     assert (m.path / sister.zgid / sister.job_id / "Data_001.zip").read_bytes() == (
