@@ -167,9 +167,6 @@ def test_a_stored_members_crc_is_checked_once_every_byte_passed_in_any_order(
             return [view[at:min(at + self.piece, offset + size)]
                     for at in range(offset, offset + size, self.piece)]
 
-        def peek(self, offset: int) -> memoryview | None:
-            return None
-
     seen: set[int] = set()
 
     async def read_all() -> bool:
@@ -251,9 +248,6 @@ def test_inflation_checkpoints_of_many_members_share_one_budget() -> None:
         async def read(self, offset: int, size: int) -> list[memoryview]:
             return [memoryview(archive)[offset:offset + size]]
 
-        def peek(self, offset: int) -> memoryview | None:
-            return None
-
     async def read_all() -> None:
         readers = [member_reader(i.filename, member_of(i), data_offset(
             archive[i.header_offset:i.header_offset + 30], member_of(i)), len(archive),
@@ -267,3 +261,22 @@ def test_inflation_checkpoints_of_many_members_share_one_budget() -> None:
             assert b"".join(await reader.read(Source(), at, 100)) == text[at:at + 100]
 
     trio.run(read_all)
+
+
+def test_a_member_known_damaged_stays_so_after_its_reader_left_the_cache(
+        mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
+    """Readers are kept for a few members only; the verdict on a damaged one is kept
+    for good (its inflated chunks may well still be cached)."""
+    text = b"".join(b"%08d,Acme,contract\n" % n for n in range(50_000))
+    archive = zip_of(("Data/Bad_001.csv", text),
+                     *((f"Data/Good_{n:03}.csv", text[:1000]) for n in range(6)),
+                     method=zipfile.ZIP_DEFLATED)
+    link = serve(emulator, backup, "Data_009.zip",
+                 corrupt_member(archive, "Data/Bad_001.csv"))
+    m = mount("--expand", links=[link])
+    m.expect_log(r"Bad_001\.csv: (CRC-32 mismatch|cannot inflate)")
+    folder = m.path / JOB / "Data_009" / "Data"
+    assert read_errno(folder / "Bad_001.csv") == errno.EIO
+    for n in range(6):  # more members than readers are kept
+        assert read_errno(folder / f"Good_{n:03}.csv") == text[:1000]
+    assert read_errno(folder / "Bad_001.csv", 0, 4096) == errno.EIO

@@ -40,9 +40,6 @@ class Source:
         self.read_bytes += size
         return [memoryview(self.archive)[offset:offset + size]]
 
-    def peek(self, offset: int) -> memoryview | None:
-        return None
-
 
 async def read_member(archive: bytes, m: Member, source: Source | None = None,
                       cache: ChunkCache | None = None) -> bytes:

@@ -96,7 +96,7 @@ class BlockReader:
     def open(self, node: Node, info: RemoteInfo) -> OpenFile:
         """A handle that reads ``node`` as ``info`` describes it (probed for this open)."""
         assert node.file is not None
-        version = ((info.etag, info.last_modified) if validated(info)
+        version = ((info.etag, info.last_modified, info.size) if validated(info)
                    else ("open", next(self._opens)))
         pattern = ReadPattern(self._budget, info.size, max_ahead=self._max_ahead,
                               max_request=self._max_request)
@@ -119,11 +119,6 @@ class BlockReader:
         if node.stream and not any(h.node is node for h in self._open):
             node.stream.close()  # nobody reads on: give the connection back
             node.stream = None
-
-    def peek(self, handle: OpenFile, offset: int) -> memoryview | None:
-        """The bytes from ``offset`` to the end of their chunk, if cached; no I/O."""
-        data = self.cache.peek(self._key(handle, offset // CHUNK))
-        return None if data is None else data[offset % CHUNK:]
 
     async def read(self, handle: OpenFile, offset: int, size: int) -> list[memoryview]:
         """Exactly ``size`` bytes at ``offset``, fewer only at end of file, as views of the

@@ -42,7 +42,7 @@ _HEADER = struct.Struct("<8s33sQQ32s")  # magic, version, index, length, SHA-256
 FREE_SHARE = 0.05
 FREE_MARGIN = 1 << 30
 # Chunks waiting for the writer thread; more are not kept (a cache may miss).
-QUEUE = 256
+QUEUE = 64
 
 
 def version_name(path: str, validators: Sequence[object]) -> str:
@@ -62,7 +62,8 @@ class DiskCache:
         # Chunk files, least recently used first, with their sizes.
         self._lru: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.size = 0
-        self.hits = self.misses = self.dropped = 0
+        self.hits = self.dropped = 0
+        self._retired: set[str] = set()  # versions whose older siblings are gone
         self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(QUEUE)
         self._writer: threading.Thread | None = None
         self._lock_fd: int | None = None
@@ -113,7 +114,8 @@ class DiskCache:
 
     def close(self) -> None:
         if self._writer is not None:
-            self._queue.put(None)
+            with contextlib.suppress(queue.Full):
+                self._queue.put(None, timeout=10)
             self._writer.join(timeout=10)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -127,7 +129,6 @@ class DiskCache:
         for index, length in enumerate(lengths, first):
             data = self._load_one(version, index, length)
             if data is None:
-                self.misses += 1
                 return None
             pieces.append(memoryview(data))
         self.hits += len(pieces)
@@ -171,8 +172,10 @@ class DiskCache:
 
     def retire_others(self, version: str) -> None:
         """Remove, later, the chunks of the other versions of ``version``'s file: a file
-        that changed on the server is never read as it was again."""
-        self._later(lambda: self._retire_others(version))
+        that changed on the server is never read as it was again. Once per version."""
+        if version not in self._retired and self._later(
+                functools.partial(self._retire_others, version)):
+            self._retired.add(version)
 
     def _later(self, job: Callable[[], None]) -> bool:
         try:
@@ -187,6 +190,8 @@ class DiskCache:
                 job()
             except OSError as exc:
                 log.warning("disk cache: cannot write %s: %s", self.root, exc.strerror or exc)
+            except Exception:  # a thread that died would leave the queue full for good
+                log.exception("disk cache: unexpected error in the writer")
 
     def _store(self, version: str, index: int, data: bytes) -> None:
         name = f"{version}/{index}"
@@ -227,6 +232,8 @@ class DiskCache:
                 name, size = self._lru.popitem(last=False)
                 self.size -= size
             (self.root / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the version's last chunk: its folder too
+                (self.root / name).parent.rmdir()
 
     def _forget(self, name: str) -> None:
         with self._lock:

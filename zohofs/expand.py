@@ -17,7 +17,7 @@ import trio
 from zohofs import zipindex
 from zohofs.blocks import BlockReader, OpenFile
 from zohofs.deadline import deadline
-from zohofs.errors import BadArchive, NoSuchEntry, ZohofsError, again
+from zohofs.errors import BadArchive, NoSuchEntry, UnreadableMember, ZohofsError, again
 from zohofs.probes import Prober
 from zohofs.stats import FileActivity
 from zohofs.tree import Failure, Node, Tree, view_name
@@ -49,9 +49,6 @@ class ArchiveBytes:
     async def read(self, offset: int, size: int) -> list[memoryview]:
         return await self._blocks.read(self.handle, offset, size)
 
-    def peek(self, offset: int) -> memoryview | None:
-        return self._blocks.peek(self.handle, offset)
-
 
 @dataclass(eq=False)
 class OpenMember:
@@ -61,6 +58,7 @@ class OpenMember:
     reader: MemberReader
     source: ArchiveBytes  # the archive's bytes, through a handle of its own
     activity: FileActivity
+    key: Hashable  # of its reader: (archive inode, archive version, member path)
 
 
 class Expander:
@@ -74,6 +72,9 @@ class Expander:
         # checkpoints outlive one open.
         self._readers: cachetools.LRUCache[Hashable, MemberReader] = (
             cachetools.LRUCache(MEMBER_READERS_KEPT))
+        # Members found damaged, by the same key: this outlives their readers, so that a
+        # reader made again (its inflated chunks still cached) fails as the first did.
+        self._damaged: dict[Hashable, BadArchive] = {}
 
     async def expanded(self, node: Node) -> None:
         """Fill ``X/`` (``node``, or the folder in it that ``node`` is) with the members
@@ -188,13 +189,16 @@ class Expander:
                                        self._checkpoints)
                 if reader.failed is not None:
                     log.warning("%s", reader.failed)
+                reader.failed = reader.failed or self._damaged.get(key)
                 self._readers[key] = reader
+                # What it has checked starts afresh: so do the pages the kernel kept.
+                node.kernel_version = None
             archive.pattern.limit(reader.data_offset + member.compressed_size)
         except BaseException:
             self._blocks.release(archive)
             raise
         return OpenMember(node, reader, ArchiveBytes(self._blocks, archive),
-                          FileActivity(name, member.size))
+                          FileActivity(name, member.size), key)
 
     def release(self, member: OpenMember) -> None:
         self._blocks.release(member.source.handle)
@@ -205,9 +209,11 @@ class Expander:
             with deadline(self._blocks.read_deadline, reader.name, "reading %d bytes at %d",
                           size, offset):
                 pieces = await reader.read(member.source, offset, size)
-        except BadArchive:
+        except BadArchive as exc:
             # Pages the kernel kept of a member now known damaged are no data either.
             self._tree.stale(member.node)
+            if not isinstance(exc, UnreadableMember):
+                self._damaged[member.key] = reader.failed or exc
             raise
         self._blocks.stats.bytes_inflated += reader.inflated - inflated
         member.activity.read(offset, sum(len(p) for p in pieces))

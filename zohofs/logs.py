@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from zohofs.errors import ConfigError
@@ -61,6 +62,15 @@ def stderr_is_journal() -> bool:
     return expected == f"{st.st_dev}:{st.st_ino}"
 
 
+class _PrivateFileHandler(logging.handlers.WatchedFileHandler):
+    """Reopens a file rotated away as it made it first: mode 0600, whatever the umask."""
+
+    def _open(self) -> Any:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 def file_handler(path: str) -> logging.Handler:
     """Appends to ``path``, created mode 0600 (names of members are customer data); a
     file rotated away by logrotate is reopened."""
@@ -68,7 +78,7 @@ def file_handler(path: str) -> logging.Handler:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         mode = os.fstat(fd).st_mode
         os.close(fd)
-        handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+        handler = _PrivateFileHandler(path, encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot write the log file {path}: {exc.strerror or exc}") from None
     if mode & 0o077:

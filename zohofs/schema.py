@@ -137,8 +137,15 @@ SETTINGS: dict[str, Callable[[Any], Any]] = {
     "cache_dir_size": _ranged(lambda v: parse_size(v, MiB), 16 * MiB, unit="MiB"),
 }
 CREDENTIAL_KEYS = {k: _string for s in SECRETS for k in (s, f"{s}_file")}
+def _account_name(value: Any) -> str:
+    name = _string(value)
+    if "/" in name or name in (".", "..") or len(name.encode()) > 255 or "\0" in name:
+        raise ValueError("a name for a folder: no '/', not '.' or '..', at most 255 bytes")
+    return name
+
+
 ACCOUNT_KEYS: dict[str, Callable[[Any], Any]] = {
-    "name": _string, "dc": _dc, "accounts_url": _url, "api_url": _url, **CREDENTIAL_KEYS}
+    "name": _account_name, "dc": _dc, "accounts_url": _url, "api_url": _url, **CREDENTIAL_KEYS}
 
 
 def validate(table: Mapping[str, Any], schema: Mapping[str, Callable[[Any], Any]],

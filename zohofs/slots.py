@@ -28,16 +28,23 @@ class HostSlots:
         self._spare = trio.CapacityLimiter(1)
         self._holders: collections.Counter[str] = collections.Counter()
 
+    async def _acquire(self, file: str) -> trio.CapacityLimiter:
+        """A slot: a shared one, or after a second the spare, while every shared slot
+        is held by one other file alone; turn about, so a waiter takes whichever frees
+        first."""
+        while True:
+            with trio.move_on_after(SPARE_AFTER):
+                await self._main.acquire()
+                return self._main
+            held_by = set(self._holders)
+            if len(held_by) == 1 and file not in held_by:
+                with trio.move_on_after(SPARE_AFTER):
+                    await self._spare.acquire()
+                    return self._spare
+
     @contextlib.asynccontextmanager
     async def slot(self, file: str) -> AsyncIterator[None]:
-        limiter = self._main
-        with trio.move_on_after(SPARE_AFTER) as waited:
-            await limiter.acquire()
-        if waited.cancelled_caught:
-            # Every slot is held: by one other file alone, the spare is this file's.
-            held_by = set(self._holders)
-            limiter = self._spare if len(held_by) == 1 and file not in held_by else limiter
-            await limiter.acquire()
+        limiter = await self._acquire(file)
         if limiter is self._main:
             self._holders[file] += 1
         try:

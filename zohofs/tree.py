@@ -205,8 +205,13 @@ class Tree:
                 made = (f.expires - BACKUP_LINK_LIFETIME).date()
                 jobs[f.job_id] = made if known is None else min(known, made)
         root = self._nodes[ROOT_INODE]
-        by_name = {name: f"../{zgid}" for zgid, names in accounts.items() if len(names) == 1
-                   for name in names if name not in ("", "default", zgid)}
+        orgs_of: dict[str, list[str]] = {}
+        for zgid, names in accounts.items():
+            if len(names) == 1:
+                orgs_of.setdefault(next(iter(names)), []).append(zgid)
+        # A name that covers two orgs names neither.
+        by_name = {name: f"../{zgids[0]}" for name, zgids in orgs_of.items()
+                   if len(zgids) == 1 and name not in ("", "default", zgids[0])}
         if by_name:
             wanted[self.child(root, BY_NAME, None).ino] = by_name
         for zgid in accounts:

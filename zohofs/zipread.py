@@ -40,9 +40,6 @@ class ArchiveSource(Protocol):
 
     async def read(self, offset: int, size: int) -> list[memoryview]: ...
 
-    def peek(self, offset: int) -> memoryview | None:
-        """Bytes from ``offset`` to the end of their cached chunk, if cached; no I/O."""
-
 
 class MemberReader:
     """What every open handle of one member (of one archive version) shares; ``name``
