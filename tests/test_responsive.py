@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path
 
 from tests.conftest import MountFactory
-from tests.helpers import data_gets, wait_for
+from tests.helpers import Mount, data_gets, wait_for
 from zohofs.emulator.backup import Backup
 from zohofs.emulator.server import Emulator
 
@@ -76,6 +76,20 @@ def test_a_silent_probe_does_not_hold_the_mounts_start(
     assert (m.path / JOB / "Data_001.zip").read_bytes() == backup.files["Data_001.zip"]
 
 
+def list_while_reading(m: Mount, backup: Backup) -> tuple[list[str], float]:
+    """List Attachments_009/Attachments/ while reading Data_001.zip over and over: the
+    names listed, and the slowest of those reads."""
+    other = backup.files["Data_001.zip"]
+    read_some(m.path / JOB / "Data_001.zip")  # its first chunk cached: reads are quick
+    listed: list[str] = []
+    lister = threading.Thread(target=lambda: listed.extend(
+        os.listdir(m.path / JOB / "Attachments_009" / "Attachments")))
+    lister.start()
+    slowest = slowest_answer_while(lister, m.path / JOB / "Data_001.zip", other)
+    lister.join()
+    return listed, slowest
+
+
 def many_members(names: list[str]) -> bytes:
     """A stored zip of tiny members, written by hand (zipfile takes minutes for 200 000)."""
     local, central = io.BytesIO(), io.BytesIO()
@@ -102,14 +116,7 @@ def test_listing_200_000_members_leaves_the_rest_of_the_mount_answering(
     names = [f"Attachments/{n:07d}.txt" for n in range(200_000)]
     emulator.add_file(backup.zgid, backup.job_id, "Attachments_009.zip", many_members(names))
     m = mount("--expand")
-    other = backup.files["Data_001.zip"]
-    read_some(m.path / JOB / "Data_001.zip")  # its first chunk cached: reads are quick
-    listed: list[str] = []
-    lister = threading.Thread(target=lambda: listed.extend(
-        os.listdir(m.path / JOB / "Attachments_009" / "Attachments")))
-    lister.start()
-    slowest = slowest_answer_while(lister, m.path / JOB / "Data_001.zip", other)
-    lister.join()
+    listed, slowest = list_while_reading(m, backup)
     assert len(listed) == len(names)
     assert slowest < 1.0, slowest
 
@@ -124,14 +131,7 @@ def test_50_000_members_of_one_name_are_listed_without_freezing_the_mount(
     emulator.add_file(backup.zgid, backup.job_id, "Attachments_009.zip", out.getvalue())
     m = mount("--expand")
     m.expect_log("49999 entries shown under another name")
-    other = backup.files["Data_001.zip"]
-    read_some(m.path / JOB / "Data_001.zip")
-    listed: list[str] = []
-    lister = threading.Thread(target=lambda: listed.extend(
-        os.listdir(m.path / JOB / "Attachments_009" / "Attachments")))
-    lister.start()
-    slowest = slowest_answer_while(lister, m.path / JOB / "Data_001.zip", other)
-    lister.join()
+    listed, slowest = list_while_reading(m, backup)
     assert len(set(listed)) == 50_000
     assert (m.path / JOB / "Attachments_009" / "Attachments" / "same (7).txt").read_text() == "6"
     assert slowest < 1.0, slowest
