@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 # Buffers of evicted chunks kept for the next ones (16 MiB): a copy recycles them as fast
 # as it reads.
 BUFFERS_KEPT = 128
+# Bytes fetched and copied for the disk cache that it has not written yet: past this,
+# chunks are not kept (a disk slower than the network must not cost memory).
+DISK_PENDING = 32 << 20
 
 
 @dataclass(eq=False)
@@ -72,6 +75,8 @@ class BlockReader:
         self._tokens = tokens
         self._kernel = kernel
         self.disk = disk
+        self._disk_writers = trio.CapacityLimiter(2)
+        self._disk_pending = 0  # bytes copied for the disk and not written yet
         self.read_deadline = read_deadline
         self.stats = remote.stats
         # Up to half the cache may hold chunks fetched ahead of readers (never evicted
@@ -105,7 +110,9 @@ class BlockReader:
         if self.disk is not None and validated(info):
             handle.on_disk = version_name(node.file.path,
                                           (info.etag, info.last_modified, info.size))
-            self.disk.retire_others(handle.on_disk)
+            if self._nursery is not None:
+                self._nursery.start_soon(trio.to_thread.run_sync, self.disk.retire_others,
+                                         handle.on_disk)
         self._open.add(handle)
         return handle
 
@@ -276,8 +283,23 @@ class BlockReader:
         if kept is not None:
             return kept
         pieces = await self._fetch(handle, start, length)
-        disk.store_soon(version, run.start, pieces)
+        if self._nursery is not None and self._disk_pending + length <= DISK_PENDING:
+            # Copied now: the cache may let the buffers go (and the pool reuse them)
+            # before the disk has them. Written behind the reads.
+            self._disk_pending += length
+            self._nursery.start_soon(self._keep_on_disk, version, run.start,
+                                     [bytes(p) for p in pieces])
         return pieces
+
+    async def _keep_on_disk(self, version: str, first: int, pieces: list[bytes]) -> None:
+        assert self.disk is not None
+        try:
+            async with self._disk_writers:
+                await trio.to_thread.run_sync(self.disk.store, version, first, pieces)
+        except Exception:  # in the mount's top-level nursery: must never end the mount
+            log.exception("disk cache: unexpected error while writing")
+        finally:
+            self._disk_pending -= sum(len(p) for p in pieces)
 
     def _drop(self, handle: OpenFile, keys: list[Hashable], verdict: BaseException) -> None:
         for key in keys:

@@ -12,12 +12,14 @@ from collections import deque
 
 def _unexported(buffer: bytearray) -> bool:
     """Whether no view of ``buffer`` exists: Python refuses to resize a bytearray that
-    has exported its memory (PEP 3118), and only views are ever handed out."""
+    has exported its memory (PEP 3118), and only views are ever handed out. Shrunk by a
+    byte, then grown back: within its allocation, so it is never moved or made bigger
+    (growing first made every pooled buffer a reallocated 147 KiB one)."""
     try:
-        buffer.append(0)
+        buffer.pop()
     except BufferError:
         return False
-    del buffer[-1]
+    buffer.append(0)  # its contents are for the next fetch to write
     return True
 
 

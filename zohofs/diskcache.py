@@ -7,6 +7,7 @@ never meets an old one's chunks). Each chunk file starts with a header that name
 version and index and holds a SHA-256 of its bytes: a damaged, cut short or foreign file
 is a miss (dropped, and said in the log), never data. Files are written under a
 temporary name and renamed, so that a mount killed mid-write leaves no half chunk.
+Reading and writing run in worker threads (blocks.py), behind the reads.
 
 One mount uses a directory at a time (a lock file); the least recently used chunks go
 first when the directory would outgrow its size, and nothing is written while the
@@ -19,15 +20,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
-import functools
 import hashlib
 import logging
 import os
-import queue
 import shutil
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from zohofs.errors import ConfigError
@@ -41,8 +40,6 @@ _HEADER = struct.Struct("<8s33sQQ32s")  # magic, version, index, length, SHA-256
 # its size, or 1 GiB on a big one: other programs need the room more than a cache does.
 FREE_SHARE = 0.05
 FREE_MARGIN = 1 << 30
-# Chunks waiting for the writer thread; more are not kept (a cache may miss).
-QUEUE = 64
 
 
 def version_name(path: str, validators: Sequence[object]) -> str:
@@ -64,8 +61,6 @@ class DiskCache:
         self.size = 0
         self.hits = self.dropped = 0
         self._retired: set[str] = set()  # versions whose older siblings are gone
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(QUEUE)
-        self._writer: threading.Thread | None = None
         self._lock_fd: int | None = None
         self._full_said = False
 
@@ -106,17 +101,10 @@ class DiskCache:
             self._lru[name] = size
             self.size += size
         self._evict(0)
-        self._writer = threading.Thread(target=self._write_loop, daemon=True,
-                                        name="zohofs-diskcache")
-        self._writer.start()
         log.info("disk cache %s: %.1f MB in %d chunks, at most %.1f MB", self.root.parent,
                  self.size / 1e6, len(self._lru), self.capacity / 1e6)
 
     def close(self) -> None:
-        if self._writer is not None:
-            with contextlib.suppress(queue.Full):
-                self._queue.put(None, timeout=10)
-            self._writer.join(timeout=10)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
 
@@ -163,35 +151,24 @@ class DiskCache:
 
     # -- writing (a thread of its own) ----------------------------------------------------
 
-    def store_soon(self, version: str, first: int, pieces: Sequence[memoryview]) -> None:
-        """Keep these chunks on disk, later: they are copied now (their buffers go back
-        to the pool), written by the writer thread, dropped if it is too far behind."""
-        for index, piece in enumerate(pieces, first):
-            if not self._later(functools.partial(self._store, version, index, bytes(piece))):
-                return
-
-    def retire_others(self, version: str) -> None:
-        """Remove, later, the chunks of the other versions of ``version``'s file: a file
-        that changed on the server is never read as it was again. Once per version."""
-        if version not in self._retired and self._later(
-                functools.partial(self._retire_others, version)):
-            self._retired.add(version)
-
-    def _later(self, job: Callable[[], None]) -> bool:
-        try:
-            self._queue.put_nowait(job)
-            return True
-        except queue.Full:
-            return False
-
-    def _write_loop(self) -> None:
-        while (job := self._queue.get()) is not None:
+    def store(self, version: str, first: int, pieces: Sequence[bytes]) -> None:
+        """Keep these chunks on disk (in a worker thread: this writes and hashes)."""
+        for index, data in enumerate(pieces, first):
             try:
-                job()
+                self._store(version, index, data)
             except OSError as exc:
                 log.warning("disk cache: cannot write %s: %s", self.root, exc.strerror or exc)
-            except Exception:  # a thread that died would leave the queue full for good
-                log.exception("disk cache: unexpected error in the writer")
+                return
+
+    def retire_others(self, version: str) -> bool:
+        """Remove the chunks of the other versions of ``version``'s file: a file that
+        changed on the server is never read as it was again. True the first time for a
+        version (the caller runs it in a worker thread then)."""
+        if version in self._retired:
+            return False
+        self._retired.add(version)
+        self._retire_others(version)
+        return True
 
     def _store(self, version: str, index: int, data: bytes) -> None:
         name = f"{version}/{index}"
