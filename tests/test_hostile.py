@@ -23,6 +23,12 @@ from hypothesis import strategies as st
 
 from tests.conftest import TOKEN
 from zohofs import config
+from zohofs.answers import (
+    parse_content_range,
+    parse_http_date,
+    parse_length,
+    parse_retry_after,
+)
 from zohofs.auth import (
     Credentials,
     OAuthTokens,
@@ -35,14 +41,7 @@ from zohofs.emulator.backup import Backup
 from zohofs.emulator.server import EmulatedAccount, Emulator
 from zohofs.errors import BadAnswer, ConfigError, DiscoveryError, SignInError, ZohofsError
 from zohofs.hosts import HostPolicy
-from zohofs.remote import (
-    RangeReader,
-    RetryPolicy,
-    parse_content_range,
-    parse_http_date,
-    parse_length,
-    parse_retry_after,
-)
+from zohofs.remote import RangeReader, RetryPolicy
 from zohofs.transport import Transport
 from zohofs.zoho import MAX_LISTING, list_backup, parse_link, parse_listing
 

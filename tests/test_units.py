@@ -14,6 +14,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from zohofs.answers import parse_content_range, parse_retry_after
 from zohofs.auth import token_lifetime
 from zohofs.config import MiB, parse_size
 from zohofs.emulator.backup import generate
@@ -31,7 +32,6 @@ from zohofs.errors import (
 )
 from zohofs.hosts import HostPolicy
 from zohofs.operations import handler
-from zohofs.remote import parse_content_range, parse_retry_after
 from zohofs.tree import stable_inode
 from zohofs.zoho import parse_link, read_links_file
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from zohofs.answers import RemoteInfo
 from zohofs.auth import TokenSource
 from zohofs.buffers import BufferPool
 from zohofs.cache import Abandoned, ChunkCache
@@ -25,7 +26,7 @@ from zohofs.diskcache import DiskCache, version_name
 from zohofs.errors import AccessDenied, BadAnswer, RemoteChanged, TransportError, ZohofsError, again
 from zohofs.planner import CHUNK, PrefetchBudget, ReadPattern, chunk_range, slice_chunks
 from zohofs.probes import check_expiry, validated
-from zohofs.remote import RangeReader, RemoteInfo
+from zohofs.remote import RangeReader
 from zohofs.stats import FileActivity
 from zohofs.tree import KernelCache, Node
 from zohofs.zoho import BackupFile

@@ -9,11 +9,12 @@ from datetime import UTC, datetime
 
 import trio
 
+from zohofs.answers import RemoteInfo
 from zohofs.auth import TokenSource
 from zohofs.deadline import deadline
 from zohofs.errors import LinkExpired, ZohofsError, again
 from zohofs.logs import redact_url
-from zohofs.remote import RangeReader, RemoteInfo
+from zohofs.remote import RangeReader
 from zohofs.tree import Failure, Node
 from zohofs.zoho import BackupFile
 

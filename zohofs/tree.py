@@ -15,8 +15,9 @@ from typing import Protocol
 
 import trio
 
+from zohofs.answers import RemoteInfo
 from zohofs.errors import NoSuchEntry, ZohofsError
-from zohofs.remote import RemoteInfo, WholeFileStream
+from zohofs.remote import WholeFileStream
 from zohofs.zipindex import Member
 from zohofs.zoho import BackupFile
 
