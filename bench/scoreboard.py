@@ -523,7 +523,8 @@ def write_report(bench: Bench, out: Path) -> None:
 def tool_colours(tools: list[str]) -> dict[str, str]:
     """One colour per tool in every panel: zohofs's modes in blues, rclone's in oranges,
     curl grey."""
-    families = {"zohofs": ["#1f4e9c", "#4a86e8", "#9fc5f8", "#0b2a5c"],
+    families = {"zohofs": ["#1f4e9c", "#4a86e8", "#9fc5f8", "#0b2a5c", "#3d6fb6", "#6fa8dc",
+                           "#c9daf8", "#2b3f6b"],
                 "rclone": ["#e69138", "#f6b26b", "#b45f06"], "curl": ["#777777", "#aaaaaa"]}
     colours: dict[str, str] = {}
     for tool in dict.fromkeys(tools):
