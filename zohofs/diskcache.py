@@ -213,10 +213,12 @@ class DiskCache:
                 (self.root / name).parent.rmdir()
 
     def _forget(self, name: str) -> None:
+        """Drop a chunk the cache knows of (every file on disk is known: open() scans)."""
         with self._lock:
             size = self._lru.pop(name, None)
-            if size is not None:
-                self.size -= size
+            if size is None:
+                return  # nothing on disk: no unlink on the write path of every new chunk
+            self.size -= size
         (self.root / name).unlink(missing_ok=True)
 
     def _retire_others(self, version: str) -> None:

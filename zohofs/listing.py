@@ -8,10 +8,9 @@ import logging
 import re
 import sys
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from zohofs.config import Config
-from zohofs.runtime import fatal_sign_in_errors, open_runtime
+from zohofs.runtime import Runtime, fatal_sign_in_errors, open_runtime
 
 
 async def list_backups(cfg: Config, expires_within: timedelta | None = None) -> int:
@@ -54,7 +53,7 @@ async def list_backups(cfg: Config, expires_within: timedelta | None = None) -> 
         return 3 if expires_within is not None and _expiring(runtime, expires_within) else 0
 
 
-def _expiring(runtime: Any, within: timedelta) -> bool:
+def _expiring(runtime: Runtime, within: timedelta) -> bool:
     """Say which backups expire within ``within``; True if any does."""
     now = datetime.now(UTC)
     soon = sorted({(n.file.expires, f"{n.file.zgid}/{n.file.job_id}") for n in runtime.fs.files
