@@ -8,11 +8,12 @@ import io
 import os
 import struct
 import subprocess
-import threading
+import tempfile
 import time
 import warnings
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import MountFactory
@@ -23,6 +24,10 @@ from zohofs.emulator.server import Emulator
 JOB = "757345985/4876876000001594004"
 # Generous bounds: each case took 25 s to 250 s before the mount was made responsive.
 ANSWERS_WITHIN = 5.0
+# Reads of another file while a huge archive is indexed and listed: they took 3 s to
+# 250 s before. Measured now: about 0.3 s at worst, while the listing's nodes are made
+# (the threads that fetch wait for Python's lock meanwhile), not the 0.1 s hoped for.
+SLOWEST_ANSWER = 1.0
 
 
 def read_some(path: Path, offset: int = 0, size: int = 4096) -> bytes:
@@ -33,15 +38,15 @@ def read_some(path: Path, offset: int = 0, size: int = 4096) -> bytes:
         os.close(fd)
 
 
-def slowest_answer_while(busy: threading.Thread, path: Path, data: bytes) -> float:
-    """The longest a small read of ``path`` took while ``busy`` ran (at least one read)."""
+def slowest_answer_while(busy: Callable[[], bool], path: Path, data: bytes) -> float:
+    """The longest a small read of ``path`` took while ``busy()`` held (at least one)."""
     slowest, offset = 0.0, 0
     while True:
         started = time.monotonic()
         assert read_some(path, offset) == data[offset:offset + 4096]
         slowest = max(slowest, time.monotonic() - started)
         offset = (offset + 4096 * 97) % (len(data) - 4096)
-        if not busy.is_alive():
+        if not busy():
             return slowest
 
 
@@ -77,17 +82,19 @@ def test_a_silent_probe_does_not_hold_the_mounts_start(
 
 
 def list_while_reading(m: Mount, backup: Backup) -> tuple[list[str], float]:
-    """List Attachments_009/Attachments/ while reading Data_001.zip over and over: the
-    names listed, and the slowest of those reads."""
-    other = backup.files["Data_001.zip"]
-    read_some(m.path / JOB / "Data_001.zip")  # its first chunk cached: reads are quick
-    listed: list[str] = []
-    lister = threading.Thread(target=lambda: listed.extend(
-        os.listdir(m.path / JOB / "Attachments_009" / "Attachments")))
-    lister.start()
-    slowest = slowest_answer_while(lister, m.path / JOB / "Data_001.zip", other)
-    lister.join()
-    return listed, slowest
+    """List Attachments_009/Attachments/ while reading Data_001.zip here and there: the
+    names listed (in order), and the slowest of those reads. The listing runs in a
+    process of its own: turning 500 000 names into a list here would hold this process's
+    lock, and starve the emulator that serves the reads."""
+    folder = m.path / JOB / "Attachments_009" / "Attachments"
+    with tempfile.TemporaryFile() as out:
+        lister = subprocess.Popen(["ls", "-1", str(folder)], stdout=out)
+        slowest = slowest_answer_while(lambda: lister.poll() is None,
+                                       m.path / JOB / "Data_001.zip",
+                                       backup.files["Data_001.zip"])
+        assert lister.wait() == 0
+        out.seek(0)
+        return out.read().decode().splitlines(), slowest
 
 
 def many_members(names: list[str]) -> bytes:
@@ -111,16 +118,6 @@ def many_members(names: list[str]) -> bytes:
     return local.getvalue() + directory + end64 + locator + end
 
 
-def test_listing_200_000_members_leaves_the_rest_of_the_mount_answering(
-        mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
-    names = [f"Attachments/{n:07d}.txt" for n in range(200_000)]
-    emulator.add_file(backup.zgid, backup.job_id, "Attachments_009.zip", many_members(names))
-    m = mount("--expand")
-    listed, slowest = list_while_reading(m, backup)
-    assert len(listed) == len(names)
-    assert slowest < 1.0, slowest
-
-
 def test_50_000_members_of_one_name_are_listed_without_freezing_the_mount(
         mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
     out = io.BytesIO()
@@ -134,7 +131,40 @@ def test_50_000_members_of_one_name_are_listed_without_freezing_the_mount(
     listed, slowest = list_while_reading(m, backup)
     assert len(set(listed)) == 50_000
     assert (m.path / JOB / "Attachments_009" / "Attachments" / "same (7).txt").read_text() == "6"
-    assert slowest < 1.0, slowest
+    assert slowest < SLOWEST_ANSWER, slowest
     renamed = [line for line in m.log.splitlines() if "shown under another name" in line]
     assert len(renamed) == 1, renamed  # one line for the archive, not 49 999
 
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_500_000_members_are_listed_with_the_mount_answering_and_their_memory_comes_back(
+        mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
+    names = [f"Attachments/{n:07d}.txt" for n in range(500_000)]
+    emulator.add_file(backup.zgid, backup.job_id, "Attachments_009.zip", many_members(names))
+    m = mount("--expand", "--cache-size", "8")
+    # The chunk cache and its spare buffers full first (they keep their 8 + 16 MiB for
+    # the mount's life): what is measured is everything else.
+    subprocess.run(["cat", str(m.path / JOB / "Attachments_009.zip")],
+                   stdout=subprocess.DEVNULL, check=True)
+    before = rss_mib(m.proc.pid)
+    started = time.monotonic()
+    listed, slowest = list_while_reading(m, backup)
+    took = time.monotonic() - started
+    assert listed == [n.split("/")[1] for n in names]  # in name order
+    assert slowest < SLOWEST_ANSWER, (slowest, took)
+    after = rss_mib(m.proc.pid)
+    assert after > before + 40, (before, after)  # or the test would prove nothing
+    # The kernel lets go of every entry nothing holds (all of the folder's): it sends
+    # FORGET for each, and the nodes, then the archive's contents, are freed.
+    Path("/proc/sys/vm/drop_caches").write_text("2\n")
+    wait_for(lambda: rss_mib(m.proc.pid) < before + 20, 30,
+             f"RSS back within 20 MiB of {before:.0f} MiB (after the listing: {after:.0f}, "
+             f"now {rss_mib(m.proc.pid):.0f})")
+    print(f"listing took {took:.1f} s, slowest other read {slowest * 1000:.0f} ms, RSS "
+          f"{before:.0f} -> {after:.0f} -> {rss_mib(m.proc.pid):.0f} MiB")

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from tests.helpers import zip64_by_hand
 from zohofs.cache import ChunkCache
+from zohofs.contents import Contents
 from zohofs.emulator.backup import corrupt_member, generate
 from zohofs.errors import BadArchive
 from zohofs.planner import CHUNK, MiB
@@ -191,3 +192,39 @@ def test_a_flipped_byte_is_an_error_never_data() -> None:
         damaged = corrupt_member(archive, m.path)
         with pytest.raises(BadArchive, match="damaged"):
             trio.run(read_member, damaged, m)
+
+
+_PATHS = st.lists(st.lists(st.sampled_from(["a", "b", "é", "a b", "z.txt", "0"]),
+                           min_size=1, max_size=4).map("/".join), unique=True, max_size=40)
+
+
+@given(_PATHS)
+@settings(max_examples=200, deadline=None)
+def test_contents_list_find_and_give_back_every_member(paths: list[str]) -> None:
+    # As zipindex names them: no member's path is another's folder.
+    folders = {p.rsplit("/", 1)[0] for p in paths if "/" in p}
+    folders |= {f.rsplit("/", n)[0] for f in folders for n in range(1, f.count("/") + 1)}
+    paths = [p for p in paths if p not in folders]
+    members = [Member(p, 8, i, i * 3, i * 7, i * 11, 1.6e9 + i, False, 0o644)
+               for i, p in enumerate(paths)]
+    contents = Contents(members)
+    for path in {"", *folders}:
+        folder = contents.folder(path)
+        assert folder is not None
+        inside = {p[len(path) + 1 if path else 0:].split("/")[0]
+                  for p in [*paths, *folders] if p.startswith(f"{path}/" if path else "")
+                  and p != path}
+        names = [contents.name(e) for e in folder.entries]
+        assert names == sorted(inside)
+        assert folder.subfolders == sum(e < 0 for e in folder.entries)
+        for name in names:
+            entry = contents.find(folder, name)
+            assert entry is not None and contents.name(entry) == name
+        assert contents.find(folder, "missing") is None
+        under = [m.mtime for m in members if m.path.startswith(f"{path}/" if path else "")]
+        assert folder.mtime == max(under, default=0.0)
+    for m in members:
+        parent = contents.folder(m.path.rpartition("/")[0])
+        assert parent is not None
+        entry = contents.find(parent, m.path.rpartition("/")[2])
+        assert entry is not None and contents.member(entry) == m

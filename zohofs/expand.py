@@ -8,7 +8,7 @@ module ties them to the tree and to the block reader.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 
 import cachetools
@@ -16,6 +16,7 @@ import trio
 
 from zohofs import zipindex
 from zohofs.blocks import BlockReader, OpenFile
+from zohofs.contents import Contents, Folder
 from zohofs.deadline import deadline
 from zohofs.errors import BadArchive, NoSuchEntry, UnreadableMember, ZohofsError, again
 from zohofs.probes import Prober
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 # Members whose inflation checkpoints are kept (each up to ~40 KiB per 4 MiB inflated).
 MEMBER_READERS_KEPT = 4
-# Members put in the tree between two turns of the event loop (~10 ms).
+# Nodes checked against an archive's new contents between two turns of the event loop.
 FILL_STEP = 2000
 
 
@@ -96,8 +97,10 @@ class Expander:
             except ZohofsError as exc:
                 view.failure = Failure(exc)
                 raise
-            await self._fill(root, found)
-            view.version, view.failure = version, None
+            contents = await trio.to_thread.run_sync(Contents, found)
+            del found  # the members as objects: five times what the contents keep
+            await self._refresh(root, contents)
+            view.version, view.failure, view.contents = version, None, contents
 
     async def _read_index(self, archive: Node) -> list[Member]:
         """The members of ``archive``, from its central directory, within the read
@@ -121,37 +124,67 @@ class Expander:
         log.debug("%s: %d members", path, len(found))
         return found
 
-    async def _fill(self, root: Node, members: list[Member]) -> None:
-        """Make ``root`` show exactly ``members``; nodes of paths seen before keep their
-        inodes, names that left are forgotten by the kernel. An archive of 500 000
-        members takes seconds: the event loop gets its turn every :data:`FILL_STEP`
-        (lookups in this folder wait for the view's lock meanwhile, nothing else does)."""
+    async def _refresh(self, root: Node, contents: Contents) -> None:
+        """Make the nodes alive under ``root`` show ``contents``: they keep their inodes;
+        those whose name left, or became a folder or a file, leave the tree (they are
+        freed once the kernel forgets them), and the kernel is told to look up again
+        those that left or changed (it keeps their size and times)."""
         tree = self._tree
-        before: list[tuple[int, str, int, Member | None]] = []
-        stack = [root]
+        stack, n = [root], 0
         while stack:
             directory = stack.pop()
-            for name, ino in directory.children.items():
-                before.append((directory.ino, name, ino, tree.node(ino).member))
-                stack.append(tree.node(ino))
-                await _now_and_then(len(before))
-            directory.children, directory.listing = {}, None
-        for n, m in enumerate(members):
-            await _now_and_then(n)
-            parent = root
-            *folders, name = m.path.split("/")
-            for folder in folders:
-                parent = tree.child(parent, folder, None)
-                parent.member, parent.view = None, root.view  # maybe a file before
-            leaf = tree.child(parent, name, None)
-            leaf.member, leaf.view = m, root.view
-        # Names that left, and members that changed (the kernel keeps their size and
-        # times): the kernel forgets them and looks them up again.
-        for n, (parent_ino, name, ino, member) in enumerate(before):
-            await _now_and_then(n)
-            if (tree.node(parent_ino).children.get(name) != ino
-                    or tree.node(ino).member != member):
-                tree.removed(parent_ino, name)
+            path = tree.archive_path(directory)
+            folder = contents.folder(path) if path is not None else None
+            for name, ino in list(directory.children.items()):
+                n += 1
+                await _now_and_then(n)
+                node = tree.node(ino)
+                entry = contents.find(folder, name) if folder is not None else None
+                if entry is None or (entry < 0) != node.is_dir:
+                    del directory.children[name]
+                    tree.removed(directory.ino, name)
+                    continue
+                member = contents.member(entry)
+                if member != node.member:
+                    node.member = member
+                    tree.removed(directory.ino, name)
+                if node.is_dir:
+                    stack.append(node)
+
+    def folder(self, node: Node) -> tuple[Contents, Folder] | None:
+        """The folder of the archive that ``node`` (``X/`` or a folder in it) shows, as
+        its archive's contents hold it now; None if they are not read (or it left)."""
+        contents = node.view.contents if node.view is not None else None
+        path = self._tree.archive_path(node) if contents is not None else None
+        folder = contents.folder(path) if contents is not None and path is not None else None
+        return None if contents is None or folder is None else (contents, folder)
+
+    def child(self, parent: Node, name: str) -> Node | None:
+        """The entry ``name`` of a folder of ``X/``, made a node if it was not one."""
+        ino = parent.children.get(name)
+        if ino is not None:
+            return self._tree.node(ino)
+        found = self.folder(parent)
+        entry = found[0].find(found[1], name) if found is not None else None
+        return None if found is None or entry is None else self._made(parent, found[0], entry)
+
+    def entries(self, parent: Node, start: int) -> Iterator[tuple[Node, int]]:
+        """The entries of a folder of ``X/`` from position ``start`` in name order, made
+        nodes as they are taken, with their positions."""
+        found = self.folder(parent)
+        if found is None:
+            return
+        contents, folder = found
+        for i in range(start, len(folder.entries)):
+            yield self._made(parent, contents, folder.entries[i]), i
+
+    def _made(self, parent: Node, contents: Contents, entry: int) -> Node:
+        name = contents.name(entry)
+        if name in parent.children:
+            return self._tree.node(parent.children[name])
+        node = self._tree.child(parent, name, None)
+        node.member, node.view = contents.member(entry), parent.view
+        return node
 
     async def open(self, node: Node) -> OpenMember:
         """A member opened for reading, over a handle of the archive's current version.

@@ -13,6 +13,9 @@ translates to and from pyfuse3's types. The collaborators each have a module:
 from __future__ import annotations
 
 import bisect
+import ctypes
+import ctypes.util
+import gc
 import json
 import os
 import stat
@@ -43,6 +46,19 @@ FAILED_TIMEOUT = 0.0
 # that much at a time (at least 128 KiB). 1 MiB keeps a random buffered read to about a
 # MiB fetched, while copies still send FUSE its largest reads (1 MiB).
 BLKSIZE = 1024 * 1024
+
+
+def _give_back_memory() -> None:
+    """Hand the memory an archive's contents and nodes took back to the system. Garbage in
+    reference cycles, made meanwhile by the requests that listed them, would otherwise
+    wait for Python's rare full collection, and each survivor pins the 1 MiB arena it
+    is in: 200 000 nodes freed gave back 140 of 165 MiB without this, 160 with it. The C
+    library keeps what was freed inside its heaps, until asked."""
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:
+        trim(0)
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,9 @@ class ZohoFS:
         if node.view is not None and node.ino == node.view.root:
             # X/ shows X.zip's time, also before anyone looked in.
             return self._mtime(self.tree.node(node.view.archive))
+        if node.view is not None:  # a folder in X/: its newest member's
+            found = self._archives.folder(node)
+            return found[1].mtime if found is not None else 0.0
         if node.file is not None:
             if node.info and node.info.last_modified is not None:
                 return node.info.last_modified
@@ -142,8 +161,7 @@ class ZohoFS:
         if node.link is not None:
             mode, nlink, size = stat.S_IFLNK | 0o777, 1, len(os.fsencode(node.link))
         elif node.is_dir:
-            mode, nlink, size = stat.S_IFDIR | access.dir_mode, 2 + sum(
-                self.tree.node(c).is_dir for c in node.children.values()), 0
+            mode, nlink, size = stat.S_IFDIR | access.dir_mode, 2 + self._subfolders(node), 0
         elif node.member is not None:
             mode, nlink, size = (stat.S_IFREG | access.member_mode(node.member.mode), 1,
                                  node.member.size)
@@ -153,6 +171,12 @@ class ZohoFS:
         return Attr(node.ino, mode, nlink, size, int(self._mtime(node) * 1e9), access.uid,
                     access.gid, BLKSIZE, GOOD_TIMEOUT if known else FAILED_TIMEOUT)
 
+    def _subfolders(self, node: Node) -> int:
+        if node.view is not None:
+            found = self._archives.folder(node)
+            return found[1].subfolders if found is not None else 0
+        return sum(self.tree.node(c).is_dir for c in node.children.values())
+
     async def getattr(self, ino: int) -> Attr:
         node = self.tree.node(ino)
         if node.file is not None and (node.info is None or node.stale):
@@ -160,18 +184,37 @@ class ZohoFS:
         return self.attr(node)
 
     async def lookup(self, parent: int, name: str) -> Attr:
+        """The attributes of ``name`` in ``parent``, counted as a lookup the kernel will
+        forget (:meth:`forget`)."""
         node = self.directory(parent)
-        if name == ".":
-            return await self.getattr(parent)
-        if name == "..":
-            return await self.getattr(node.parent)
-        await self._archives.expanded(node)
-        ino = node.children.get(name)
-        if ino is None and self._on_miss is not None and await self._on_miss(name):
-            ino = node.children.get(name)  # a new backup may have just appeared
-        if ino is None:
+        if name in (".", ".."):
+            found: Node | None = node if name == "." else self.tree.node(node.parent)
+        elif node.view is not None:
+            await self._archives.expanded(node)
+            found = self._archives.child(node, name)
+        else:
+            found = self._child(node, name)
+            if found is None and self._on_miss is not None and await self._on_miss(name):
+                found = self._child(node, name)  # a new backup may have just appeared
+        if found is None:
             raise NoSuchEntry(f"{name!r} not found")
-        return await self.getattr(ino)
+        attr = await self.getattr(found.ino)
+        found.lookups += 1
+        return attr
+
+    def _child(self, node: Node, name: str) -> Node | None:
+        ino = node.children.get(name)
+        return None if ino is None else self.tree.node(ino)
+
+    def listed(self, ino: int) -> None:
+        """The kernel took the entry ``ino`` from a listing: a lookup it will forget."""
+        self.tree.node(ino).lookups += 1
+
+    def forget(self, forgotten: Iterable[tuple[int, int]]) -> None:
+        """The kernel forgot these (inode, lookups): nodes of expanded archives that
+        nobody holds any more are freed."""
+        if any([self.tree.forget(ino, count) for ino, count in forgotten]):
+            _give_back_memory()
 
     def readdir(self, ino: int, start: int) -> Iterator[tuple[str, Attr, int]]:
         """Entries after offset ``start``, in inode order; an entry's offset is its inode
@@ -179,9 +222,16 @@ class ZohoFS:
 
         Listings change under an open directory (a new backup, an old one leaving): keyed
         by inode, that never makes a reader skip or repeat an entry. The kernel asks for a
-        page of entries at a time: the sorted listing is kept, and attributes are made
-        only for the entries taken (an expanded archive can hold 100 000)."""
+        page of entries at a time: the sorted listing is kept, and attributes (and, in an
+        expanded archive, nodes) are made only for the entries taken."""
         node = self.directory(ino)
+        if node.view is not None:
+            # A folder of an archive: in name order, an entry's offset its position (+3).
+            # A new version of the archive while a listing is under way may make it skip
+            # or repeat entries; nothing else changes its contents.
+            for entry, i in self._archives.entries(node, max(0, start - 2)):
+                yield entry.name, self.attr(entry), i + 3
+            return
         if node.listing is None:
             node.listing = sorted((child, name) for name, child in node.children.items())
         listing = node.listing

@@ -127,8 +127,11 @@ class Operations(pyfuse3.Operations):
         return entry(await self.fs.getattr(inode))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        # Inodes live as long as the mount: nothing to free, and forget() must not raise.
-        pass
+        # forget() has no reply: it must not raise.
+        try:
+            self.fs.forget(inode_list)
+        except Exception:
+            log.exception("unexpected error in forget")
 
     @handler
     async def opendir(self, inode: int, ctx: Any) -> int:
@@ -137,9 +140,18 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        await self.fs.opendir(fh)  # an archive's contents may have been let go since
         dots = [d for d in self.fs.dots(fh) if d[2] > start_id]
         for name, attr, next_id in itertools.chain(dots, self.fs.readdir(fh, start_id)):
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), entry(attr), next_id):
+            taken = pyfuse3.readdir_reply(token, os.fsencode(name), entry(attr), next_id)
+            if next_id > 2:
+                # Each entry taken is a lookup the kernel will forget (`.` and `..` are
+                # not); the one that did not fit is no lookup at all.
+                if taken:
+                    self.fs.listed(attr.ino)
+                else:
+                    self.fs.forget([(attr.ino, 0)])
+            if not taken:
                 break
 
     @handler

@@ -16,6 +16,7 @@ from typing import Protocol
 import trio
 
 from zohofs.answers import RemoteInfo
+from zohofs.contents import Contents
 from zohofs.errors import NoSuchEntry, ZohofsError
 from zohofs.remote import WholeFileStream
 from zohofs.zipindex import Member
@@ -66,6 +67,9 @@ class ArchiveView:
     version: Hashable = None  # of the archive whose members the directory shows now
     lock: trio.Lock = field(default_factory=trio.Lock)
     failure: Failure | None = None  # of the last index read
+    # What that version holds; dropped (and read again when next asked for) once the
+    # kernel has forgotten every node in the folder.
+    contents: Contents | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -77,6 +81,8 @@ class Node:
     member: Member | None = None  # a file inside an archive (--expand)
     link: str | None = None  # a symbolic link's target, relative to its folder
     view: ArchiveView | None = None  # on X/ and on each folder and member in it
+    # In X/ and its folders, only the nodes alive now: the rest are in the view's
+    # contents, made nodes when looked up or listed.
     children: dict[str, int] = field(default_factory=dict)
     # The children sorted by inode, for readdir; None since they last changed.
     listing: list[tuple[int, str]] | None = None
@@ -96,6 +102,9 @@ class Node:
     # Only for servers that ignore Range: the whole-file answer being read, and its lock.
     stream: WholeFileStream | None = None
     stream_lock: trio.Lock | None = None
+    # How many times the kernel was given this node (lookups, listed entries) and has not
+    # forgotten it: a node in X/ is freed at 0.
+    lookups: int = 0
 
     @property
     def is_dir(self) -> bool:
@@ -128,6 +137,7 @@ class Tree:
         self._expand = expand
         self._kernel = kernel
         self._nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, "", ROOT_INODE)}
+        self._most = 1  # nodes held at once since _nodes was made
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -240,6 +250,52 @@ class Tree:
                     continue  # a real entry has the name: it wins
                 self.child(folder, name, None).link = target
 
+    def forget(self, ino: int, count: int) -> bool:
+        """The kernel forgot ``count`` of its lookups of ``ino``: a node of an expanded
+        archive that nobody holds any more is freed, and so, in turn, are its folders;
+        once none is left, so are the archive's contents (then True)."""
+        node = self._nodes.get(ino)
+        if node is None:
+            return False
+        node.lookups -= count
+        view = node.view
+        while (view is not None and node.ino != view.root and node.lookups <= 0
+               and not node.children):
+            del self._nodes[node.ino]
+            self._shrink()
+            parent = self._nodes.get(node.parent)
+            if parent is None:  # left the folder first, which was freed before it
+                return False
+            if parent.children.get(node.name) == node.ino:
+                del parent.children[node.name]
+                if not parent.children:
+                    parent.children = {}  # a dict keeps the room it once needed
+            if parent.ino == view.root and not parent.children:
+                view.contents, view.version = None, None
+                return True
+            node = parent
+        return False
+
+    def _shrink(self) -> None:
+        """A dict keeps the room of the most entries it ever held: once the nodes are down
+        to a quarter of that, they move to one of their size."""
+        if len(self._nodes) < self._most // 4:
+            self._nodes = dict(self._nodes)
+            self._most = len(self._nodes)
+
+    def archive_path(self, node: Node) -> str | None:
+        """Where a folder or member of ``X/`` is in the archive ("" for ``X/`` itself);
+        None for a node that left it."""
+        assert node.view is not None
+        root, parts = node.view.root, []
+        while node.ino != root:
+            parts.append(node.name)
+            parent = self._nodes.get(node.parent)
+            if parent is None or parent.children.get(node.name) != node.ino:
+                return None
+            node = parent
+        return "/".join(reversed(parts))
+
     def resolve(self, link: Node) -> Node | None:
         """The node a link points to (its targets are relative: ``x`` or ``../x``)."""
         assert link.link is not None
@@ -275,6 +331,7 @@ class Tree:
         node = self._nodes.get(ino)
         if node is None:
             node = self._nodes[ino] = Node(ino, name, parent.ino, file)
+            self._most = max(self._most, len(self._nodes))
         parent.children[name] = node.ino
         parent.listing = None
         return node
