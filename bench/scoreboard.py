@@ -316,6 +316,11 @@ http {{
         disk = self.work / "zohofs-disk"
         args = ("--cache-dir", str(disk), "--cache-dir-size", f"{self.size // MiB + 64}M",
                 "--cache-size", "64")
+        with self.zohofs(link, "--cache-size", "64"):  # the same copy without, to compare
+            os.stat(self.zpath("Data_001.zip"))
+            wall, _ = timed(["cat", str(self.zpath("Data_001.zip"))])
+            self.add("g cold 1 GiB, disk cache on", "zohofs, no disk cache",
+                     gbps=self.size / wall / 1e9)
         for first in (True, False):
             with self.zohofs(link, *args):
                 os.stat(self.zpath("Data_001.zip"))

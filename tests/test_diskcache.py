@@ -25,7 +25,13 @@ NAME = "Attachments_001.zip"
 
 
 def chunk_files(cache: Path) -> list[Path]:
-    return [p for p in (cache / LAYOUT).glob("*/*") if not p.name.endswith(".tmp")]
+    """The chunk files now, while the mount may be writing and evicting (a version's
+    folder goes with its last chunk)."""
+    found = []
+    for version in (cache / LAYOUT).iterdir():
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            found += [p for p in version.iterdir() if not p.name.endswith(".tmp")]
+    return found
 
 
 def cached_bytes(cache: Path) -> int:

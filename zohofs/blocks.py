@@ -37,8 +37,11 @@ log = logging.getLogger(__name__)
 # as it reads.
 BUFFERS_KEPT = 128
 # Bytes fetched and copied for the disk cache that it has not written yet: past this,
-# chunks are not kept (a disk slower than the network must not cost memory).
+# what is fetched ahead waits, and what a read waits for is not kept (a disk slower than
+# the network must not cost memory, nor hold a read up).
 DISK_PENDING = 32 << 20
+# Threads writing to the disk cache at once: each waits on the disk most of the time.
+DISK_WRITERS = 4
 
 
 @dataclass(eq=False)
@@ -76,8 +79,9 @@ class BlockReader:
         self._tokens = tokens
         self._kernel = kernel
         self.disk = disk
-        self._disk_writers = trio.CapacityLimiter(2)
+        self._disk_writers = trio.CapacityLimiter(DISK_WRITERS)
         self._disk_pending = 0  # bytes copied for the disk and not written yet
+        self._disk_caught_up = trio.Event()  # set (and replaced) as each write ends
         self.read_deadline = read_deadline
         self.stats = remote.stats
         # Up to half the cache may hold chunks fetched ahead of readers (never evicted
@@ -255,7 +259,7 @@ class BlockReader:
         pieces: list[memoryview] | None = None
         try:
             with trio.move_on_after(self.read_deadline if ahead else math.inf):
-                pieces = await self._fetch_or_load(handle, run, start, length)
+                pieces = await self._fetch_or_load(handle, run, start, length, ahead)
         except BaseException as exc:
             verdict = exc if isinstance(exc, ZohofsError) and not ahead else Abandoned()
             self._drop(handle, keys, verdict)
@@ -273,17 +277,23 @@ class BlockReader:
             self.cache.arrive(key, data, hold=key in handle.held)
 
     async def _fetch_or_load(self, handle: OpenFile, run: range, start: int,
-                             length: int) -> list[memoryview]:
+                             length: int, ahead: bool) -> list[memoryview]:
         """The chunks of ``run``: from the disk cache when it holds them all, else from
         the server (and then kept on disk too)."""
         disk, version = self.disk, handle.on_disk
         if disk is None or version is None:
             return await self._fetch(handle, start, length)
-        lengths = [self._chunk_length(handle, i) for i in run]
-        kept = await trio.to_thread.run_sync(disk.load, version, run.start, lengths)
-        if kept is not None:
-            return kept
+        if disk.holds(version, run):  # else no trip to a thread: a cold copy's case
+            lengths = [self._chunk_length(handle, i) for i in run]
+            kept = await trio.to_thread.run_sync(disk.load, version, run.start, lengths)
+            if kept is not None:
+                return kept
         pieces = await self._fetch(handle, start, length)
+        if ahead:
+            # What is fetched ahead waits for the disk to catch up: the reader goes no
+            # faster than the disk keeps what it read, and all of it is kept.
+            while self._disk_pending + length > DISK_PENDING and self._disk_pending:
+                await self._disk_caught_up.wait()
         if self._nursery is not None and self._disk_pending + length <= DISK_PENDING:
             # Copied now: the cache may let the buffers go (and the pool reuse them)
             # before the disk has them. Written behind the reads.
@@ -301,6 +311,8 @@ class BlockReader:
             log.exception("disk cache: unexpected error while writing")
         finally:
             self._disk_pending -= sum(len(p) for p in pieces)
+            self._disk_caught_up.set()
+            self._disk_caught_up = trio.Event()
 
     def _drop(self, handle: OpenFile, keys: list[Hashable], verdict: BaseException) -> None:
         for key in keys:

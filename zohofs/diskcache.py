@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -40,6 +41,8 @@ _HEADER = struct.Struct("<8s33sQQ32s")  # magic, version, index, length, SHA-256
 # its size, or 1 GiB on a big one: other programs need the room more than a cache does.
 FREE_SHARE = 0.05
 FREE_MARGIN = 1 << 30
+# Chunks remembered as having had their time renewed this mount (a metadata write each).
+TOUCHED_KEPT = 100_000
 
 
 def version_name(path: str, validators: Sequence[object]) -> str:
@@ -63,6 +66,9 @@ class DiskCache:
         self._retired: set[str] = set()  # versions whose older siblings are gone
         self._lock_fd: int | None = None
         self._full_said = False
+        self._writing = 0  # bytes the writer threads are writing now
+        self._folders: set[str] = set()  # versions whose folder this mount has made
+        self._touched: set[str] = set()  # chunks whose time this mount has renewed
 
     # -- the directory -----------------------------------------------------------------
 
@@ -118,31 +124,42 @@ class DiskCache:
             data = self._load_one(version, index, length)
             if data is None:
                 return None
-            pieces.append(memoryview(data))
+            pieces.append(data)
         self.hits += len(pieces)
         return pieces
 
-    def _load_one(self, version: str, index: int, length: int) -> bytearray | None:
+    def holds(self, version: str, indices: range) -> bool:
+        """Whether every chunk of ``indices`` is on disk, as far as the cache knows."""
+        with self._lock:
+            return all(f"{version}/{i}" in self._lru for i in indices)
+
+    def _load_one(self, version: str, index: int, length: int) -> memoryview | None:
         name = f"{version}/{index}"
         with self._lock:
             if name not in self._lru:
                 return None
             self._lru.move_to_end(name)
         path = self.root / name
+        # One read of the header, the bytes and one more (there must be none).
+        whole = bytearray(_HEADER.size + length + 1)
         try:
-            with open(path, "rb") as f:
-                header = f.read(_HEADER.size)
-                data = bytearray(length)
-                got = f.readinto(data)
-                extra = f.read(1)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                got = os.readv(fd, [whole])
+                if name not in self._touched:  # recency survives a restart (once a mount)
+                    if len(self._touched) >= TOUCHED_KEPT:
+                        self._touched.clear()
+                    self._touched.add(name)
+                    os.utime(fd)
+            finally:
+                os.close(fd)
         except OSError:
             self._forget(name)
             return None
-        if (len(header) == _HEADER.size and got == length and not extra
-                and _HEADER.unpack(header) == (_MAGIC, version.encode(), index, length,
-                                                hashlib.sha256(data).digest())):
-            with contextlib.suppress(OSError):
-                os.utime(path)  # recency survives a restart
+        data = memoryview(whole)[_HEADER.size:_HEADER.size + length]
+        if (got == _HEADER.size + length
+                and _HEADER.unpack_from(whole) == (_MAGIC, version.encode(), index, length,
+                                                   hashlib.sha256(data).digest())):
             return data
         log.warning("disk cache: dropping the damaged chunk %s (fetched again)", path)
         self.dropped += 1
@@ -153,12 +170,22 @@ class DiskCache:
 
     def store(self, version: str, first: int, pieces: Sequence[bytes]) -> None:
         """Keep these chunks on disk (in a worker thread: this writes and hashes)."""
-        for index, data in enumerate(pieces, first):
-            try:
-                self._store(version, index, data)
-            except OSError as exc:
-                log.warning("disk cache: cannot write %s: %s", self.root, exc.strerror or exc)
+        size = sum(_HEADER.size + len(p) for p in pieces)
+        try:
+            if not self._room_for(size):
                 return
+            try:
+                folder = self.root / version
+                if version not in self._folders:
+                    folder.mkdir(mode=0o700, exist_ok=True)
+                    self._folders.add(version)
+                for index, data in enumerate(pieces, first):
+                    self._store(folder, version, index, data)
+            finally:
+                with self._lock:
+                    self._writing -= size
+        except OSError as exc:
+            log.warning("disk cache: cannot write %s: %s", self.root, exc.strerror or exc)
 
     def retire_others(self, version: str) -> bool:
         """Remove the chunks of the other versions of ``version``'s file: a file that
@@ -170,47 +197,71 @@ class DiskCache:
         self._retire_others(version)
         return True
 
-    def _store(self, version: str, index: int, data: bytes) -> None:
-        name = f"{version}/{index}"
-        size = _HEADER.size + len(data)
-        # Fetched from the server: what the disk has of it, if anything, was not sound.
-        self._forget(name)
-        if shutil.disk_usage(self.root).free - size < (self._margin or 0):
+    def _room_for(self, size: int) -> bool:
+        """Whether ``size`` more bytes, besides those other writers are writing, leave the
+        filesystem its free margin: if so they are counted as being written too (said
+        once in the log when they do not)."""
+        free = shutil.disk_usage(self.root).free
+        with self._lock:
+            room = free - self._writing - size >= (self._margin or 0)
+            if room:
+                self._writing += size
+        if not room:
             if not self._full_said:
                 self._full_said = True
                 log.warning("disk cache: less than %.1f MB free under %s: not writing to "
                             "it until there is more", (self._margin or 0) / 1e6, self.root)
-            return
+            return False
         self._full_said = False
-        self._evict(size)
-        folder = self.root / version
-        folder.mkdir(mode=0o700, exist_ok=True)
+        return True
+
+    def _store(self, folder: Path, version: str, index: int, data: bytes) -> None:
+        name = f"{version}/{index}"
+        size = _HEADER.size + len(data)
+        # Fetched from the server: what the disk has of it, if anything, was not sound.
+        self._forget(name)
+        self._evict(size)  # counted from now on
         temporary = folder / f"{index}.{threading.get_ident()}.tmp"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(_HEADER.pack(_MAGIC, version.encode(), index, len(data),
-                                     hashlib.sha256(data).digest()))
-                f.write(data)
+            self._write(temporary, _HEADER.pack(_MAGIC, version.encode(), index, len(data),
+                                                hashlib.sha256(data).digest()), data)
             os.replace(temporary, folder / str(index))
         except BaseException:
             temporary.unlink(missing_ok=True)
+            with self._lock:
+                self.size -= size
             raise
         with self._lock:
             self._lru[name] = size
-            self.size += size
+
+    @staticmethod
+    def _write(path: Path, header: bytes, data: bytes) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:  # its folder just emptied by an eviction, and removed
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(path, flags, 0o600)
+        try:
+            if os.writev(fd, [header, data]) != len(header) + len(data):
+                raise OSError(errno.ENOSPC, "short write")
+        finally:
+            os.close(fd)
 
     def _evict(self, room: int) -> None:
-        """Least recently used chunks go until ``room`` more bytes fit."""
+        """Least recently used chunks go until ``room`` more bytes fit; those are then
+        counted, so that writers at once never outgrow the size together."""
         while True:
             with self._lock:
                 if not self._lru or self.size + room <= self.capacity:
+                    self.size += room
                     return
                 name, size = self._lru.popitem(last=False)
                 self.size -= size
             (self.root / name).unlink(missing_ok=True)
             with contextlib.suppress(OSError):  # the version's last chunk: its folder too
                 (self.root / name).parent.rmdir()
+                self._folders.discard(name.split("/")[0])
 
     def _forget(self, name: str) -> None:
         """Drop a chunk the cache knows of (every file on disk is known: open() scans)."""
@@ -229,6 +280,7 @@ class DiskCache:
                     for name in [n for n in self._lru if n.startswith(entry.name + "/")]:
                         self.size -= self._lru.pop(name)
                 shutil.rmtree(entry, ignore_errors=True)
+                self._folders.discard(entry.name)
 
 
 def clear(directory: Path) -> int:
