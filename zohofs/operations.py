@@ -20,6 +20,7 @@ from zohofs.fs import Attr, ZohoFS
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
 NEGATIVE_TIMEOUT = 10.0
+READDIR_STEP = 64  # entries of a listing between two turns for other requests
 R = TypeVar("R")
 
 
@@ -142,7 +143,12 @@ class Operations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         await self.fs.opendir(fh)  # an archive's contents may have been let go since
         dots = [d for d in self.fs.dots(fh) if d[2] > start_id]
-        for name, attr, next_id in itertools.chain(dots, self.fs.readdir(fh, start_id)):
+        entries = itertools.chain(dots, self.fs.readdir(fh, start_id))
+        for n, (name, attr, next_id) in enumerate(entries, 1):
+            if n % READDIR_STEP == 0:
+                # The kernel asks for up to 128 KiB of entries at once (about 900): other
+                # requests get their turn meanwhile, or they wait 100 ms behind them.
+                await trio.lowlevel.checkpoint()
             taken = pyfuse3.readdir_reply(token, os.fsencode(name), entry(attr), next_id)
             if next_id > 2:
                 # Each entry taken is a lookup the kernel will forget (`.` and `..` are
