@@ -70,6 +70,23 @@ def test_a_remount_reads_from_disk_and_fetches_nothing(
     assert '"disk_cache_hits": ' in status and '"disk_cache_hits": 0' not in status
 
 
+def test_a_copy_faster_than_the_disk_is_kept_whole(
+        mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path) -> None:
+    """128 MiB read at loopback speed, four times what may wait to be written: before,
+    what did not fit was skipped, and a remount fetched it again."""
+    cache, name = tmp_path / "cache", "Attachments_009.zip"
+    data = random.Random(128).randbytes(128 * MiB)
+    emulator.add_file(backup.zgid, backup.job_id, name, data)
+    first = mount("--cache-dir", str(cache), name="first")
+    assert sha256(copy_through(first, name)) == sha256(data)
+    wait_for(lambda: written(cache, len(data)), 30, "all 128 MiB on disk")
+    assert first.stop() == 0
+    before = len(data_gets(emulator, name))
+    second = mount("--cache-dir", str(cache), name="second")
+    assert sha256(copy_through(second, name)) == sha256(data)
+    assert len(data_gets(emulator, name)) == before
+
+
 @pytest.fixture
 def filled(mount: MountFactory, backup: Backup, tmp_path: Path) -> Iterator[Path]:
     cache = tmp_path / "cache"
