@@ -285,7 +285,8 @@ class BlockReader:
             return await self._fetch(handle, start, length)
         if disk.holds(version, run):  # else no trip to a thread: a cold copy's case
             lengths = [self._chunk_length(handle, i) for i in run]
-            kept = await trio.to_thread.run_sync(disk.load, version, run.start, lengths)
+            kept = await trio.to_thread.run_sync(disk.load, version, run.start, lengths,
+                                                 self._buffer)
             if kept is not None:
                 return kept
         pieces = await self._fetch(handle, start, length)
@@ -301,6 +302,10 @@ class BlockReader:
             self._nursery.start_soon(self._keep_on_disk, version, run.start,
                                      [bytes(p) for p in pieces])
         return pieces
+
+    def _buffer(self, size: int) -> bytearray:
+        """A buffer for a chunk read from disk: the pool's (taking is thread-safe)."""
+        return self._buffers.take() if size <= CHUNK else bytearray(size)
 
     async def _keep_on_disk(self, version: str, first: int, pieces: list[bytes]) -> None:
         assert self.disk is not None

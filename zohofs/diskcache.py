@@ -27,7 +27,7 @@ import os
 import shutil
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from zohofs.errors import ConfigError
@@ -116,12 +116,15 @@ class DiskCache:
 
     # -- reading (worker threads) ---------------------------------------------------------
 
-    def load(self, version: str, first: int, lengths: Sequence[int]) -> list[memoryview] | None:
+    def load(self, version: str, first: int, lengths: Sequence[int],
+             buffer: Callable[[int], bytearray] = bytearray) -> list[memoryview] | None:
         """The chunks ``first``, ``first+1``, … of ``version`` (of the given lengths), if
-        every one is on disk and sound; else None."""
+        every one is on disk and sound; else None. ``buffer(n)`` gives a buffer of at
+        least ``n`` bytes to read a chunk into (a pool's, rather than a fresh one zeroed
+        and faulted in page by page)."""
         pieces = []
         for index, length in enumerate(lengths, first):
-            data = self._load_one(version, index, length)
+            data = self._load_one(version, index, length, buffer)
             if data is None:
                 return None
             pieces.append(data)
@@ -133,7 +136,8 @@ class DiskCache:
         with self._lock:
             return all(f"{version}/{i}" in self._lru for i in indices)
 
-    def _load_one(self, version: str, index: int, length: int) -> memoryview | None:
+    def _load_one(self, version: str, index: int, length: int,
+                  buffer: Callable[[int], bytearray]) -> memoryview | None:
         name = f"{version}/{index}"
         with self._lock:
             if name not in self._lru:
@@ -141,11 +145,12 @@ class DiskCache:
             self._lru.move_to_end(name)
         path = self.root / name
         # One read of the header, the bytes and one more (there must be none).
-        whole = bytearray(_HEADER.size + length + 1)
+        header, data, extra = bytearray(_HEADER.size), memoryview(buffer(length))[:length], \
+            bytearray(1)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                got = os.readv(fd, [whole])
+                got = os.readv(fd, [header, data, extra])
                 if name not in self._touched:  # recency survives a restart (once a mount)
                     if len(self._touched) >= TOUCHED_KEPT:
                         self._touched.clear()
@@ -156,10 +161,9 @@ class DiskCache:
         except OSError:
             self._forget(name)
             return None
-        data = memoryview(whole)[_HEADER.size:_HEADER.size + length]
         if (got == _HEADER.size + length
-                and _HEADER.unpack_from(whole) == (_MAGIC, version.encode(), index, length,
-                                                   hashlib.sha256(data).digest())):
+                and _HEADER.unpack(header) == (_MAGIC, version.encode(), index, length,
+                                               hashlib.sha256(data).digest())):
             return data
         log.warning("disk cache: dropping the damaged chunk %s (fetched again)", path)
         self.dropped += 1
