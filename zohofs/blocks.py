@@ -295,7 +295,8 @@ class BlockReader:
             # faster than the disk keeps what it read, and all of it is kept.
             while self._disk_pending + length > DISK_PENDING and self._disk_pending:
                 await self._disk_caught_up.wait()
-        if self._nursery is not None and self._disk_pending + length <= DISK_PENDING:
+        if self._nursery is not None and (self._disk_pending + length <= DISK_PENDING
+                                          or not self._disk_pending):
             # Copied now: the cache may let the buffers go (and the pool reuse them)
             # before the disk has them. Written behind the reads.
             self._disk_pending += length

@@ -80,6 +80,10 @@ class Contents:
             return self._folders[~entry].name
         return self._names[self._starts[entry]:self._starts[entry + 1]].decode()
 
+    @property
+    def top(self) -> Folder:
+        return self._folders[0]
+
     def folder(self, path: str) -> Folder | None:
         j = self._by_path.get(path)
         return None if j is None else self._folders[j]

@@ -67,7 +67,6 @@ class DiskCache:
         self._lock_fd: int | None = None
         self._full_said = False
         self._writing = 0  # bytes the writer threads are writing now
-        self._folders: set[str] = set()  # versions whose folder this mount has made
         self._touched: set[str] = set()  # chunks whose time this mount has renewed
 
     # -- the directory -----------------------------------------------------------------
@@ -155,7 +154,8 @@ class DiskCache:
                     if len(self._touched) >= TOUCHED_KEPT:
                         self._touched.clear()
                     self._touched.add(name)
-                    os.utime(fd)
+                    with contextlib.suppress(OSError):  # a read-only disk: still sound
+                        os.utime(fd)
             finally:
                 os.close(fd)
         except OSError:
@@ -179,12 +179,8 @@ class DiskCache:
             if not self._room_for(size):
                 return
             try:
-                folder = self.root / version
-                if version not in self._folders:
-                    folder.mkdir(mode=0o700, exist_ok=True)
-                    self._folders.add(version)
                 for index, data in enumerate(pieces, first):
-                    self._store(folder, version, index, data)
+                    self._store(self.root / version, version, index, data)
             finally:
                 with self._lock:
                     self._writing -= size
@@ -236,6 +232,8 @@ class DiskCache:
                 self.size -= size
             raise
         with self._lock:
+            # Another writer may have kept the same chunk meanwhile: counted once.
+            self.size -= self._lru.pop(name, 0)
             self._lru[name] = size
 
     @staticmethod
@@ -243,7 +241,8 @@ class DiskCache:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         try:
             fd = os.open(path, flags, 0o600)
-        except FileNotFoundError:  # its folder just emptied by an eviction, and removed
+        except FileNotFoundError:  # the version's first chunk, or its folder just emptied
+            # by an eviction and removed
             path.parent.mkdir(mode=0o700, exist_ok=True)
             fd = os.open(path, flags, 0o600)
         try:
@@ -265,7 +264,6 @@ class DiskCache:
             (self.root / name).unlink(missing_ok=True)
             with contextlib.suppress(OSError):  # the version's last chunk: its folder too
                 (self.root / name).parent.rmdir()
-                self._folders.discard(name.split("/")[0])
 
     def _forget(self, name: str) -> None:
         """Drop a chunk the cache knows of (every file on disk is known: open() scans)."""
@@ -284,7 +282,6 @@ class DiskCache:
                     for name in [n for n in self._lru if n.startswith(entry.name + "/")]:
                         self.size -= self._lru.pop(name)
                 shutil.rmtree(entry, ignore_errors=True)
-                self._folders.discard(entry.name)
 
 
 def clear(directory: Path) -> int:

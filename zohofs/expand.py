@@ -1,5 +1,6 @@
-"""``--expand``: the folder ``X/`` next to each ``X.zip``, filled from the archive's
-central directory, and its members opened and read through the archive's own handle.
+"""``--expand``: the folder ``X/`` next to each ``X.zip``, showing what the archive's
+central directory lists (its entries made nodes as they are looked up or listed), and
+its members opened and read through the archive's own handle.
 
 Where a member lies is zipindex.py's to say, how its bytes come out zipread.py's; this
 module ties them to the tree and to the block reader.
@@ -29,13 +30,15 @@ log = logging.getLogger(__name__)
 
 # Members whose inflation checkpoints are kept (each up to ~40 KiB per 4 MiB inflated).
 MEMBER_READERS_KEPT = 4
+# How much of an archive's central directory is read at a time.
+INDEX_STEP = 1 << 20
 # Nodes checked against an archive's new contents between two turns of the event loop.
-FILL_STEP = 2000
+REFRESH_STEP = 2000
 
 
 async def _now_and_then(n: int) -> None:
-    """A turn for the event loop every :data:`FILL_STEP` steps of a long loop."""
-    if n % FILL_STEP == FILL_STEP - 1:
+    """A turn for the event loop every :data:`REFRESH_STEP` steps of a long loop."""
+    if n % REFRESH_STEP == REFRESH_STEP - 1:
         await trio.lowlevel.checkpoint()
 
 
@@ -78,8 +81,9 @@ class Expander:
         self._damaged: dict[Hashable, BadArchive] = {}
 
     async def expanded(self, node: Node) -> None:
-        """Fill ``X/`` (``node``, or the folder in it that ``node`` is) with the members
-        of ``X.zip``, once per version of the archive; nothing for other nodes."""
+        """Make ``X/`` (``node``, or the folder in it that ``node`` is) show the members
+        of ``X.zip``: its index read once per version of the archive (and again after
+        the kernel forgot the whole folder); nothing for other nodes."""
         view = node.view
         if view is None:
             return
@@ -99,8 +103,11 @@ class Expander:
                 raise
             contents = await trio.to_thread.run_sync(Contents, found)
             del found  # the members as objects: five times what the contents keep
+            # Shown at once (a listing under way stops at its next turn, see entries());
+            # the nodes alive are then brought in step with it.
+            view.contents, view.subfolders = contents, contents.top.subfolders
             await self._refresh(root, contents)
-            view.version, view.failure, view.contents = version, None, contents
+            view.version, view.failure = version, None
 
     async def _read_index(self, archive: Node) -> list[Member]:
         """The members of ``archive``, from its central directory, within the read
@@ -110,7 +117,15 @@ class Expander:
         handle = self._blocks.open(archive, await self._prober.for_open(archive))
 
         async def read(offset: int, length: int) -> bytes:
-            return b"".join(await self._blocks.read(handle, offset, length))
+            # A MiB at a time: a directory of tens of MiB read in one go would hold that
+            # many chunk buffers at once, over the cache's size, and leave holes in the
+            # heap where they were (20 MiB kept after a 500 000-member archive).
+            out = bytearray()
+            for at in range(offset, offset + length, INDEX_STEP):
+                for piece in await self._blocks.read(
+                        handle, at, min(INDEX_STEP, offset + length - at)):
+                    out += piece
+            return bytes(out)
 
         try:
             with deadline(self._blocks.read_deadline, path, "reading its table of contents"):
@@ -138,6 +153,8 @@ class Expander:
             for name, ino in list(directory.children.items()):
                 n += 1
                 await _now_and_then(n)
+                if directory.children.get(name) != ino:
+                    continue  # forgotten (and freed) meanwhile
                 node = tree.node(ino)
                 entry = contents.find(folder, name) if folder is not None else None
                 if entry is None or (entry < 0) != node.is_dir:
@@ -176,6 +193,8 @@ class Expander:
             return
         contents, folder = found
         for i in range(start, len(folder.entries)):
+            if parent.view is None or parent.view.contents is not contents:
+                return  # a new version since: the kernel asks again from here
             yield self._made(parent, contents, folder.entries[i]), i
 
     def _made(self, parent: Node, contents: Contents, entry: int) -> Node:

@@ -13,9 +13,6 @@ translates to and from pyfuse3's types. The collaborators each have a module:
 from __future__ import annotations
 
 import bisect
-import ctypes
-import ctypes.util
-import gc
 import json
 import os
 import stat
@@ -24,6 +21,7 @@ from dataclasses import dataclass
 
 import trio
 
+from zohofs import memory
 from zohofs.access import Access
 from zohofs.auth import TokenSource
 from zohofs.blocks import BlockReader, OpenFile
@@ -46,19 +44,6 @@ FAILED_TIMEOUT = 0.0
 # that much at a time (at least 128 KiB). 1 MiB keeps a random buffered read to about a
 # MiB fetched, while copies still send FUSE its largest reads (1 MiB).
 BLKSIZE = 1024 * 1024
-
-
-def _give_back_memory() -> None:
-    """Hand the memory an archive's contents and nodes took back to the system. Garbage in
-    reference cycles, made meanwhile by the requests that listed them, would otherwise
-    wait for Python's rare full collection, and each survivor pins the 1 MiB arena it
-    is in: 200 000 nodes freed gave back 140 of 165 MiB without this, 160 with it. The C
-    library keeps what was freed inside its heaps, until asked."""
-    gc.collect()
-    libc = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
-    if trim is not None:
-        trim(0)
 
 
 @dataclass(frozen=True)
@@ -174,7 +159,9 @@ class ZohoFS:
     def _subfolders(self, node: Node) -> int:
         if node.view is not None:
             found = self._archives.folder(node)
-            return found[1].subfolders if found is not None else 0
+            if found is not None:
+                return found[1].subfolders
+            return node.view.subfolders if node.ino == node.view.root else 0
         return sum(self.tree.node(c).is_dir for c in node.children.values())
 
     async def getattr(self, ino: int) -> Attr:
@@ -214,7 +201,7 @@ class ZohoFS:
         """The kernel forgot these (inode, lookups): nodes of expanded archives that
         nobody holds any more are freed."""
         if any([self.tree.forget(ino, count) for ino, count in forgotten]):
-            _give_back_memory()
+            memory.give_back()  # an archive's nodes and contents are all gone
 
     def readdir(self, ino: int, start: int) -> Iterator[tuple[str, Attr, int]]:
         """Entries after offset ``start``, in inode order; an entry's offset is its inode

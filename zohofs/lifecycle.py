@@ -4,7 +4,6 @@ then."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import math
@@ -20,7 +19,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from zohofs import mountopts, systemd
+from zohofs import memory, mountopts, systemd
 from zohofs.config import Config
 from zohofs.diagnose import dump_on_usr1
 from zohofs.diskcache import DiskCache
@@ -32,7 +31,6 @@ from zohofs.tokenstore import state_directory
 
 log = logging.getLogger("zohofs")
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter
 # How long in-flight requests get to finish after SIGTERM before they are cancelled.
 SHUTDOWN_GRACE = 2.0
 # How long a signal waits for the releases of files just closed before naming what is open.
@@ -104,7 +102,7 @@ def mounted_at(path: str) -> tuple[str, str] | None:
 
 async def serve(config: Config, on_ready: Callable[[], Awaitable[None]] | None = None) -> None:
     """Discover, mount, serve until unmounted or signalled, and always unmount."""
-    _map_big_buffers()
+    memory.tune_allocator()
     kernel = KernelNotifier()
     disk = None
     if config.cache_dir:
@@ -270,18 +268,3 @@ def _detach_output() -> None:
         os.dup2(null, fd)
     os.close(null)
 
-
-def _map_big_buffers() -> None:
-    """Give every buffer of 256 KiB or more a mapping of its own, returned to the system
-    when freed; chunk buffers (128 KiB) stay below it, on the heap, and are reused.
-
-    glibc raises its mmap threshold each time a big buffer is freed, after which big
-    buffers come from per-thread heaps that seldom shrink: with the 8 MiB blocks zohofs
-    once had, peak RSS grew to several times the cache budget. A fixed threshold keeps
-    that from coming back with any big buffer.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, 256 * 1024)
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass

@@ -145,10 +145,6 @@ class Operations(pyfuse3.Operations):
         dots = [d for d in self.fs.dots(fh) if d[2] > start_id]
         entries = itertools.chain(dots, self.fs.readdir(fh, start_id))
         for n, (name, attr, next_id) in enumerate(entries, 1):
-            if n % READDIR_STEP == 0:
-                # The kernel asks for up to 128 KiB of entries at once (about 900): other
-                # requests get their turn meanwhile, or they wait 100 ms behind them.
-                await trio.lowlevel.checkpoint()
             taken = pyfuse3.readdir_reply(token, os.fsencode(name), entry(attr), next_id)
             if next_id > 2:
                 # Each entry taken is a lookup the kernel will forget (`.` and `..` are
@@ -159,6 +155,11 @@ class Operations(pyfuse3.Operations):
                     self.fs.forget([(attr.ino, 0)])
             if not taken:
                 break
+            if n % READDIR_STEP == 0:
+                # The kernel asks for up to 128 KiB of entries at once (about 900): other
+                # requests get their turn meanwhile, or they wait 100 ms behind them.
+                # Here, with every entry made so far counted: none can be freed meanwhile.
+                await trio.lowlevel.checkpoint()
 
     @handler
     async def releasedir(self, fh: int) -> None:

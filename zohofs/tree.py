@@ -70,6 +70,7 @@ class ArchiveView:
     # What that version holds; dropped (and read again when next asked for) once the
     # kernel has forgotten every node in the folder.
     contents: Contents | None = None
+    subfolders: int = 0  # of X/ as last read: its link count, also once contents went
 
 
 @dataclass(eq=False, slots=True)
@@ -271,8 +272,9 @@ class Tree:
                 if not parent.children:
                     parent.children = {}  # a dict keeps the room it once needed
             if parent.ino == view.root and not parent.children:
+                dropped = view.contents is not None
                 view.contents, view.version = None, None
-                return True
+                return dropped
             node = parent
         return False
 
