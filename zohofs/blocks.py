@@ -293,16 +293,20 @@ class BlockReader:
         if ahead:
             # What is fetched ahead waits for the disk to catch up: the reader goes no
             # faster than the disk keeps what it read, and all of it is kept.
-            while self._disk_pending + length > DISK_PENDING and self._disk_pending:
+            while not self._disk_room(length):
                 await self._disk_caught_up.wait()
-        if self._nursery is not None and (self._disk_pending + length <= DISK_PENDING
-                                          or not self._disk_pending):
+        if self._nursery is not None and self._disk_room(length):
             # Copied now: the cache may let the buffers go (and the pool reuse them)
             # before the disk has them. Written behind the reads.
             self._disk_pending += length
             self._nursery.start_soon(self._keep_on_disk, version, run.start,
                                      [bytes(p) for p in pieces])
         return pieces
+
+    def _disk_room(self, length: int) -> bool:
+        """Whether ``length`` more bytes may wait to be written (a run bigger than the
+        limit may, alone)."""
+        return not self._disk_pending or self._disk_pending + length <= DISK_PENDING
 
     def _buffer(self, size: int) -> bytearray:
         """A buffer for a chunk read from disk: the pool's (taking is thread-safe)."""

@@ -2,8 +2,8 @@
 
 The tree makes a node only for the entries someone looks up or lists, and frees it when
 the kernel forgets it; between the two, what an archive holds lives here: a fixed-size
-record and a name per member (about 60 bytes each, where a Member object with its numbers
-and path costs 300, and a node 350 more). Built in a worker thread: sorting the names of
+record and a name per member (about 80 bytes each, where a Member object with its numbers
+and path costs 300, and a node 500 more). Built in a worker thread: sorting the names of
 500 000 members is work the event loop must not do.
 """
 

@@ -172,9 +172,11 @@ class Expander:
         """The folder of the archive that ``node`` (``X/`` or a folder in it) shows, as
         its archive's contents hold it now; None if they are not read (or it left)."""
         contents = node.view.contents if node.view is not None else None
-        path = self._tree.archive_path(node) if contents is not None else None
-        folder = contents.folder(path) if contents is not None and path is not None else None
-        return None if contents is None or folder is None else (contents, folder)
+        if contents is None:
+            return None
+        path = self._tree.archive_path(node)
+        folder = contents.folder(path) if path is not None else None
+        return None if folder is None else (contents, folder)
 
     def child(self, parent: Node, name: str) -> Node | None:
         """The entry ``name`` of a folder of ``X/``, made a node if it was not one."""
@@ -182,8 +184,11 @@ class Expander:
         if ino is not None:
             return self._tree.node(ino)
         found = self.folder(parent)
-        entry = found[0].find(found[1], name) if found is not None else None
-        return None if found is None or entry is None else self._made(parent, found[0], entry)
+        if found is None:
+            return None
+        contents, folder = found
+        entry = contents.find(folder, name)
+        return None if entry is None else self._made(parent, contents, entry)
 
     def entries(self, parent: Node, start: int) -> Iterator[tuple[Node, int]]:
         """The entries of a folder of ``X/`` from position ``start`` in name order, made
