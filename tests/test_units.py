@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import io
 import zipfile
 from collections.abc import Iterator
@@ -31,8 +32,9 @@ from zohofs.errors import (
     is_transient,
 )
 from zohofs.hosts import HostPolicy
+from zohofs.memory import Collector
 from zohofs.operations import handler
-from zohofs.tree import stable_inode
+from zohofs.tree import Node, stable_inode
 from zohofs.zoho import parse_link, read_links_file
 
 LINK = "https://download-accl.zoho.com/v2/crm/757345985/backup/4876876000001594004/Data_001.zip"
@@ -236,3 +238,20 @@ def test_a_buffer_with_a_view_on_it_is_not_handed_out_again() -> None:
     del view
     pool.give(memoryview(buffer))
     assert pool.take() is buffer
+
+
+def test_nodes_held_by_the_hundred_thousand_leave_full_collections_short() -> None:
+    # A full collection follows every object not frozen, with every request of the
+    # mount held meanwhile: at half a million nodes that was 0.1 to 0.25 s each.
+    collector = Collector()
+    held = []
+    try:
+        for n in range(1, 60_001):
+            held.append(Node(n, str(n), 1))
+            collector.held(n)
+        assert gc.get_freeze_count() >= 50_000  # what the collector skips
+        del held[:]
+        collector.give_back()  # the kernel forgot them: nothing stays frozen
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()

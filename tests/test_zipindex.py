@@ -3,6 +3,7 @@ reads it, Zip64, names, hostile archives; inflation from checkpoints."""
 
 from __future__ import annotations
 
+import gc
 import io
 import random
 import struct
@@ -13,7 +14,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import zip64_by_hand
+from tests.helpers import many_members, zip64_by_hand
 from zohofs.cache import ChunkCache
 from zohofs.contents import Contents
 from zohofs.emulator.backup import corrupt_member, generate
@@ -27,7 +28,8 @@ def index(archive: bytes) -> tuple[list[Member], list[str]]:
     async def read(offset: int, size: int) -> bytes:
         return archive[offset:offset + size]
 
-    return trio.run(read_index, read, len(archive))
+    found, notes = trio.run(read_index, read, len(archive))
+    return [Member(*f) for f in found], notes
 
 
 class Source:
@@ -228,3 +230,22 @@ def test_contents_list_find_and_give_back_every_member(paths: list[str]) -> None
         assert parent is not None
         entry = contents.find(parent, m.path.rpartition("/")[2])
         assert entry is not None and contents.member(entry) == m
+
+
+def test_an_index_and_its_contents_leave_the_collector_nothing_per_member() -> None:
+    # Each object Python's collector follows makes every full collection longer, and a
+    # full collection holds every request of the mount: with an object per member, a
+    # 500 000-member archive's index held them 0.12 s at a time.
+    archive = many_members([f"d/{n:06d}.txt" for n in range(100_000)])
+    gc.collect()
+    followed = len(gc.get_objects())
+    found, _ = trio.run(read_index, lambda offset, size: _bytes_at(archive, offset, size),
+                        len(archive))
+    contents = Contents(found)
+    gc.collect()  # as the first young collection does: plain tuples are let go of
+    assert contents.members == 100_000
+    assert len(gc.get_objects()) - followed < 1000
+
+
+async def _bytes_at(data: bytes, offset: int, size: int) -> bytes:
+    return data[offset:offset + size]

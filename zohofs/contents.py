@@ -15,7 +15,7 @@ from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from zohofs.zipindex import Member
+from zohofs.zipindex import Fields, Member
 
 # compressed size, size, local header offset, mtime, CRC-32, method, mode, encrypted
 _RECORD = struct.Struct("<QQQdIHH?")
@@ -37,7 +37,7 @@ class Folder:
 class Contents:
     """What one version of an archive holds, by folder."""
 
-    def __init__(self, members: Iterable[Member]) -> None:
+    def __init__(self, members: Iterable[Fields]) -> None:
         self._records = bytearray()
         self._names = bytearray()  # the members' own names (no folder), UTF-8, end to end
         self._starts = array("Q", [0])  # where each member's name starts in _names
@@ -45,17 +45,18 @@ class Contents:
         self._by_path: dict[str, int] = {"": 0}
         self._parent = array("q")  # of each member: its folder's number
         children: list[list[int]] = [[]]
-        for i, m in enumerate(members):
-            folder_path, _, name = m.path.rpartition("/")
+        for i, (path, method, compressed_size, size, crc, header_offset, mtime, encrypted,
+                mode) in enumerate(members):
+            folder_path, _, name = path.rpartition("/")
             j = self._folder(folder_path, children)
             children[j].append(i)
             self._parent.append(j)
-            self._records += _RECORD.pack(m.compressed_size, m.size, m.header_offset,
-                                          m.mtime, m.crc, m.method, m.mode, m.encrypted)
+            self._records += _RECORD.pack(compressed_size, size, header_offset, mtime, crc,
+                                          method, mode, encrypted)
             self._names += name.encode()
             self._starts.append(len(self._names))
-            while j >= 0 and self._folders[j].mtime < m.mtime:  # the newest, upwards
-                self._folders[j].mtime = m.mtime
+            while j >= 0 and self._folders[j].mtime < mtime:  # the newest, upwards
+                self._folders[j].mtime = mtime
                 j = self._folders[j].parent
         for j, folder in enumerate(self._folders):
             folder.entries = array("q", sorted(children[j], key=self.name))

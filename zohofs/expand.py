@@ -23,7 +23,7 @@ from zohofs.errors import BadArchive, NoSuchEntry, UnreadableMember, ZohofsError
 from zohofs.probes import Prober
 from zohofs.stats import FileActivity
 from zohofs.tree import Failure, Node, Tree, view_name
-from zohofs.zipindex import HeaderMismatch, Member
+from zohofs.zipindex import HeaderMismatch
 from zohofs.zipread import Checkpoints, MemberReader, member_reader
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class Expander:
             await self._refresh(root, contents)
             view.version, view.failure = version, None
 
-    async def _read_index(self, archive: Node) -> list[Member]:
+    async def _read_index(self, archive: Node) -> list[zipindex.Fields]:
         """The members of ``archive``, from its central directory, within the read
         deadline; the names it had to change are logged."""
         assert archive.file is not None

@@ -84,6 +84,7 @@ class ZohoFS:
                                   read_deadline=read_deadline, kernel=kernel,
                                   also_cached=lambda: checkpoints.size, disk=disk)
         self._archives = Expander(self.tree, self.prober, self.blocks, checkpoints)
+        self._memory = memory.Collector()
         self._tokens = tokens
         self._access = access or Access.from_settings()
         self._on_miss = on_miss
@@ -187,6 +188,7 @@ class ZohoFS:
             raise NoSuchEntry(f"{name!r} not found")
         attr = await self.getattr(found.ino)
         found.lookups += 1
+        self._memory.held(len(self.tree))
         return attr
 
     def _child(self, node: Node, name: str) -> Node | None:
@@ -196,12 +198,13 @@ class ZohoFS:
     def listed(self, ino: int) -> None:
         """The kernel took the entry ``ino`` from a listing: a lookup it will forget."""
         self.tree.node(ino).lookups += 1
+        self._memory.held(len(self.tree))
 
     def forget(self, forgotten: Iterable[tuple[int, int]]) -> None:
         """The kernel forgot these (inode, lookups): nodes of expanded archives that
         nobody holds any more are freed."""
         if any([self.tree.forget(ino, count) for ino, count in forgotten]):
-            memory.give_back()  # an archive's nodes and contents are all gone
+            self._memory.give_back()  # an archive's nodes and contents are all gone
 
     def readdir(self, ino: int, start: int) -> Iterator[tuple[str, Attr, int]]:
         """Entries after offset ``start``, in inode order; an entry's offset is its inode

@@ -43,11 +43,40 @@ def tune_allocator() -> None:
         mallopt(_M_ARENA_MAX, HEAPS)
 
 
-def give_back() -> None:
-    """Hand freed memory back: garbage in reference cycles first (it would otherwise wait
-    for Python's rare full collection, and each survivor pins the 1 MiB arena it is in),
-    then what the C library keeps inside its heaps."""
-    gc.collect()
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+class Collector:
+    """Keeps Python's full collections short while a listing makes nodes by the hundred
+    thousand.
+
+    A full collection follows every object the program holds, with every request held
+    meanwhile; it comes each time the objects held grew by a quarter. Nodes are held until
+    the kernel forgets them: at half a million, each full collection took 0.1 to 0.25 s.
+    Each time :data:`FREEZE_STEP` more are held, what exists is moved out of the
+    collector's sight (``gc.freeze``): a full collection then follows only what came since.
+    Nodes make no reference cycles: frozen or not, each is freed as soon as the tree lets
+    go of it. Cyclic garbage that happened to exist at a freeze waits for
+    :meth:`give_back`.
+    """
+
+    FREEZE_STEP = 25_000
+
+    def __init__(self) -> None:
+        self._held_at_freeze = 0
+
+    def held(self, count: int) -> None:
+        """The tree holds ``count`` nodes now."""
+        if count >= self._held_at_freeze + self.FREEZE_STEP:
+            gc.freeze()
+            self._held_at_freeze = count
+        elif count < self._held_at_freeze - self.FREEZE_STEP:
+            self._held_at_freeze = count  # many were freed: count the growth from here
+
+    def give_back(self) -> None:
+        """Hand freed memory back: garbage in reference cycles first, the frozen included
+        (it would otherwise wait for Python's rare full collection, and each survivor pins
+        the 1 MiB arena it is in), then what the C library keeps inside its heaps."""
+        gc.unfreeze()
+        self._held_at_freeze = 0
+        gc.collect()
+        trim = getattr(_libc(), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
