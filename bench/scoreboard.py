@@ -44,6 +44,7 @@ CAP = 20_000_000  # bytes per second per connection in the capped runs
 LATENCY = 0.03
 MEMBER = "Data/Leads_001.csv"
 BIG_CSV = "Data/Notes_001.csv"  # ~10 MB, deflated: scenario h
+STORED = "Attachments/0001.bin"  # 16 MiB, stored: scenario i
 READERS = 8
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -209,6 +210,7 @@ class Bench:
                 z.writestr(f"Attachments/{i:04}.bin", os.urandom(16 * MiB))
                 z.writestr(f"Attachments/{i:04}b.bin", os.urandom(16 * MiB))
             self.compressed = z.getinfo(MEMBER).compress_size
+            self.stored = z.getinfo(STORED).compress_size
         self.size = (folder / "Data_001.zip").stat().st_size
         for i in range(1, READERS + 1):
             (folder / f"Attachments_{i:03}.zip").write_bytes(os.urandom(self.part))
@@ -421,6 +423,33 @@ http {{
                     self.add(what, tool, gets=float(gets), mb=sent / 1e6, seconds=wall)
         print(f"(the member is {self.compressed / 1e6:.2f} MB compressed)")
 
+    def stopping(self) -> None:
+        """(i): readers that stop where their interest ends: eight `dd` readers of distinct
+        eighths of the 1 GiB part at once; then, in a new mount, `unzip -p` of one 16 MiB
+        stored member of it (after `unzip -l`, as a user finds it)."""
+        big = "Data_001.zip"
+        region = self.size // READERS // MiB
+        for tool, mount, path in (("zohofs", self._zohofs_big, self.zpath),
+                                  ("rclone mount", self.rclone, self.rpath)):
+            with mount():
+                os.stat(path(big))
+                self.log.mark()
+                readers = [subprocess.Popen(
+                    ["dd", f"if={path(big)}", "of=/dev/null", "bs=1M", f"skip={i * region}",
+                     f"count={region}", "status=none"]) for i in range(READERS)]
+                assert all(r.wait() == 0 for r in readers)
+                gets, sent = self.log.since()
+                self.add("i 8 dd readers, an eighth each", tool,
+                         fetched_ratio=sent / (READERS * region * MiB), gets=float(gets))
+            with mount():
+                subprocess.run(["unzip", "-l", str(path(big))], stdout=subprocess.DEVNULL,
+                               check=True)
+                self.log.mark()
+                timed(["unzip", "-p", str(path(big)), STORED])
+                gets, sent = self.log.since()
+                self.add("i unzip -p of a 16 MiB member", tool, gets=float(gets),
+                         mb_past_member=(sent - self.stored) / 1e6)
+
     def expand(self) -> None:
         """(h): one 10 MB CSV out of the 1 GiB part through --expand, against what a user
         does without it (curl the part, then unzip -p); random reads inside it."""
@@ -584,7 +613,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the big part")
     parser.add_argument("--quick", action="store_true", help="smaller capped runs")
-    parser.add_argument("--only", default="", help="comma-separated scenarios: a,b,c,d,e,f,g,h")
+    parser.add_argument("--only", default="", help="comma-separated scenarios: a to i")
     parser.add_argument("--report", type=Path, default=Path("docs/benchmarks.md"))
     args = parser.parse_args()
     need(("nginx", "nginx"), ("rclone", "rclone"), ("curl", "curl"), ("unzip", "unzip"))
@@ -593,7 +622,8 @@ def main() -> int:
     bench = Bench(work, args.size_mib, args.quick)
     steps: dict[str, Callable[[], None]] = {
         "a": bench.cold_copy, "b": bench.capped, "c": bench.random, "d": bench.unzip,
-        "e": bench.readers, "f": bench.warm, "g": bench.disk, "h": bench.expand}
+        "e": bench.readers, "f": bench.warm, "g": bench.disk, "h": bench.expand,
+        "i": bench.stopping}
     only = [s for s in args.only.split(",") if s] or list(steps)
     try:
         bench.make_files()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MiB, MountFactory
-from tests.helpers import data_gets, fetched, fetched_once
+from tests.helpers import data_gets, fetched, fetched_once, spans
 from tests.test_mount import JOB
 from zohofs.emulator.backup import Backup
 from zohofs.emulator.server import Emulator
@@ -98,3 +98,43 @@ def test_unzip_lists_and_extracts_one_member_for_little(
     assert member.stdout == csv
     ranges = data_gets(emulator, "Data_003.zip")[before:]
     assert fetched(ranges) <= compressed + 2 * MiB, (compressed, ranges)
+
+
+def test_an_archive_tool_extracting_one_member_fetches_little_past_it(
+        mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
+    # A stored member of 16 MiB amid others: a reader's window grows to 32 MiB with the
+    # default blocks, and ran on past the member (28 MB fetched past it before).
+    rng = random.Random(9)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        for i in range(4):
+            z.writestr(f"Attachments/{i}.bin", rng.randbytes(16 * MiB))
+        info = z.getinfo("Attachments/1.bin")
+    archive = buffer.getvalue()
+    rel = add(emulator, backup, "Data_003.zip", archive)
+    m = mount("--block-size", "8M")
+    subprocess.run(["unzip", "-l", str(m.path / rel)], stdout=subprocess.DEVNULL, check=True)
+    before = len(data_gets(emulator, "Data_003.zip"))
+    member = subprocess.run(["unzip", "-p", str(m.path / rel), "Attachments/1.bin"],
+                            capture_output=True, check=True)
+    with zipfile.ZipFile(io.BytesIO(archive)) as z:
+        assert member.stdout == z.read("Attachments/1.bin")
+    ranges = data_gets(emulator, "Data_003.zip")[before:]
+    assert fetched(ranges) <= info.compress_size + 4 * MiB, spans(ranges)
+
+
+def test_readers_that_share_a_file_out_fetch_each_byte_once(
+        mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
+    # Eight dd readers of an eighth each, through a cache too small to keep what each
+    # read: each reader's window ran on into the next one's eighth (1.13x fetched before).
+    data = random.Random(10).randbytes(128 * MiB)
+    rel = add(emulator, backup, "Attachments_009.zip", data)
+    m = mount("--block-size", "8M", "--cache-size", "32")
+    os.stat(m.path / rel)
+    readers = [subprocess.Popen(["dd", f"if={m.path / rel}", "bs=1M", f"skip={i * 16}",
+                                 "count=16", "status=none"], stdout=subprocess.PIPE)
+               for i in range(8)]
+    for i, reader in enumerate(readers):
+        out, _ = reader.communicate(timeout=120)
+        assert out == data[i * 16 * MiB:(i + 1) * 16 * MiB], i
+    assert fetched(data_gets(emulator, "Attachments_009.zip")) <= 1.05 * len(data)

@@ -24,6 +24,7 @@ from zohofs.buffers import BufferPool
 from zohofs.cache import Abandoned, ChunkCache
 from zohofs.diskcache import DiskCache, version_name
 from zohofs.errors import AccessDenied, BadAnswer, RemoteChanged, TransportError, ZohofsError, again
+from zohofs.interest import Interest
 from zohofs.planner import CHUNK, PrefetchBudget, ReadPattern, chunk_range, slice_chunks
 from zohofs.probes import check_expiry, validated
 from zohofs.remote import RangeReader
@@ -98,6 +99,7 @@ class BlockReader:
         self._open: set[OpenFile] = set()
         self._opens = itertools.count(1)
         self._nursery: trio.Nursery | None = None
+        self._interest = Interest(self._cached, lambda: self._nursery)
 
     def start(self, nursery: trio.Nursery) -> None:
         """Give the reader a place to run background prefetches."""
@@ -145,7 +147,8 @@ class BlockReader:
         else:
             pattern = handle.pattern
             was_sequential = pattern.sequential
-            plans = pattern.advise(offset, end - offset)
+            plans = pattern.advise(offset, end - offset,
+                                   self._interest.fence(handle, self._open))
             if was_sequential and not pattern.sequential:
                 self._let_go(handle)  # a jump: what was fetched ahead is not for now
             # What this read needs is claimed before anything is fetched ahead, and
@@ -167,6 +170,25 @@ class BlockReader:
                     raise
             pieces = [await self._chunk(handle, i) for i in wanted]
         return slice_chunks(pieces, wanted.start, offset, end)
+
+    def _cached(self, handle: OpenFile, offset: int, length: int,
+                end_only: bool = False) -> bytes | None:
+        """Bytes of the handle's file from the cache alone; None if some are not there
+        (with ``end_only``, the longest end of the range that is, None if nothing is)."""
+        end = min(offset + length, handle.info.size)
+        wanted = chunk_range(offset, end)
+        pieces: list[memoryview] = []
+        for i in reversed(wanted):
+            data = self.cache.peek(self._key(handle, i))
+            if data is None:
+                if end_only and pieces:
+                    break
+                return None
+            pieces.append(data)
+        if not pieces:
+            return b""
+        first = wanted.stop - len(pieces)
+        return b"".join(slice_chunks(pieces[::-1], first, max(offset, first * CHUNK), end))
 
     def _key(self, handle: OpenFile, index: int) -> Hashable:
         # The version is part of the key: bytes of two versions of a file never mix.

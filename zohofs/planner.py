@@ -12,6 +12,8 @@ overlap in the cache.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -30,6 +32,10 @@ IN_FLIGHT = 4
 # Reads that start this little before where the last one ended still continue a run that
 # is not proven yet: parallel FUSE requests arrive slightly out of order.
 SLACK = 1 * MiB
+
+# Where fetching ahead of a run stops, given where the run began and where its last read
+# ended (None: nowhere before the end of the file).
+Fence = Callable[[int, int], int | None]
 
 
 def chunk_range(start: int, end: int) -> range:
@@ -113,9 +119,16 @@ class ReadPattern:
     def sequential(self) -> bool:
         return self.window > 0
 
-    def advise(self, offset: int, size: int) -> list[tuple[int, int]]:
+    @property
+    def run_start(self) -> int:
+        """Where the current run began."""
+        return self._run_start
+
+    def advise(self, offset: int, size: int,
+               fence: Fence | None = None) -> list[tuple[int, int]]:
         """Record a read; return the ``(start, length)`` requests to make ahead of it,
-        in order. The caller takes each from the budget, and stops at the first it cannot."""
+        in order, none past ``fence``'s answer. The caller takes each from the budget, and
+        stops at the first it cannot."""
         end = offset + size
         if self._next is None:
             sequential = offset == 0  # a copy starts at 0: start the run at once
@@ -151,10 +164,12 @@ class ReadPattern:
         parts = max(1, IN_FLIGHT // max(1, self._budget.readers))
         request = min(self._max_request, max(CHUNK, self.window // parts // CHUNK * CHUNK))
         start = max(self._issued, -(-end // CHUNK) * CHUNK)
-        target = min(self._size, self._next + self.window)
+        stop = fence(self._run_start, self._next) if fence is not None else None
+        limit = self._size if stop is None else min(self._size, -(-stop // CHUNK) * CHUNK)
+        target = min(limit, self._next + self.window)
         plans = []
-        while start < target and (target - start >= request or target == self._size):
-            length = min(request, self._size - start)
+        while start < target and (target - start >= request or target == limit):
+            length = min(request, limit - start)
             plans.append((start, length))
             start += length
         return plans

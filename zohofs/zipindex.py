@@ -375,6 +375,7 @@ async def read_index(read: Callable[[int, int], Awaitable[bytes]], size: int,
     then the central directory (partly in the tail already for small archives)."""
     start = max(0, size - END_SEARCH)
     tail = await read(start, size - start)
+    start = size - len(tail)  # a reader may give only the end of it (the cache's)
     found = locate(tail, start, size)
     if isinstance(found, int):
         record = (tail[found - start:found - start + _END64.size] if found >= start

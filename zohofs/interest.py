@@ -1,0 +1,146 @@
+"""Where a reader's interest ends, as far as zohofs can tell: fetching ahead stops there.
+
+Two signs, each measured as waste before (a reader's window, up to 32 MiB, fetched past
+where it stopped):
+
+- **Another reader of the same file began there.** Readers that split a file between
+  them (eight ``dd`` of an eighth each, a parallel copy) each stop where the next one
+  began; the bytes past that point were that reader's, read long ago and maybe evicted.
+  A reader that does go on past it fetches on demand there, then ahead again.
+- **The end of an archive member**, for a run that did not start at byte 0 of a zip (an
+  archive tool extracting one member: it read the central directory first, then seeks to
+  the member's local header). The member boundaries come from that central directory,
+  parsed from what the cache holds of it: no request of its own. A copy (a run from
+  byte 0) is never fenced, and a tool going from member to member finds its fence moved
+  on as it goes.
+
+No I/O here but the cache's and a worker thread's: :class:`Interest` answers from what it
+knows and learns the rest in the background.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from array import array
+from collections.abc import Callable, Hashable, Iterable
+from typing import TYPE_CHECKING
+
+import cachetools
+import trio
+
+from zohofs import zipindex
+from zohofs.errors import BadArchive
+from zohofs.planner import MiB
+
+if TYPE_CHECKING:
+    from zohofs.blocks import OpenFile
+
+log = logging.getLogger(__name__)
+
+# How far past a member's end a reader in it is still fetched ahead of: the next members'
+# headers and, for small members, their bytes too (extracting many small ones in order
+# then still finds its next bytes fetched).
+MEMBER_SLACK = 2 * MiB
+# Archives (versions) whose member boundaries are kept: 8 bytes a member.
+ARCHIVES_KEPT = 8
+RUNS_TRIED = 64
+
+
+class _NotCached(Exception):
+    """The central directory is not all in the cache: learnt at a later run, maybe."""
+
+
+class Interest:
+    def __init__(self, cached: Callable[[OpenFile, int, int, bool], bytes | None],
+                 nursery: Callable[[], trio.Nursery | None]) -> None:
+        """``cached(handle, offset, length, end_only)`` gives bytes of the handle's file
+        from the cache alone (None when some are not there; with ``end_only``, the longest
+        end of the range that is there); ``nursery()`` is where to learn in the
+        background."""
+        self._cached = cached
+        self._nursery = nursery
+        self._bounds: cachetools.LRUCache[Hashable, array[int]] = (
+            cachetools.LRUCache(ARCHIVES_KEPT))
+        self._learning: set[Hashable] = set()
+        # Runs (archive, version, start) the boundaries were tried for, and not found in
+        # the cache: a run tries once, whoever else reads.
+        self._tried: cachetools.LRUCache[Hashable, bool] = cachetools.LRUCache(RUNS_TRIED)
+
+    def fence(self, handle: OpenFile, readers: Iterable[OpenFile]) -> Callable[[int, int],
+                                                                             int | None]:
+        """Where fetching ahead of ``handle``'s run stops (see the module's doc), given
+        the run's start and where its last read ended; ``readers`` are the open handles."""
+
+        def fence(run_start: int, end: int) -> int | None:
+            stops = [h.pattern.run_start for h in readers
+                     if h is not handle and h.node is handle.node and h.version == handle.version
+                     and h.pattern.sequential and h.pattern.run_start >= end]
+            if run_start != 0 and handle.file.name.endswith(".zip"):
+                # The member the reader was in MEMBER_SLACK ago: a tool's last buffered
+                # read of a member reaches into the next one, which is no interest in it.
+                member_end = self._member_end(handle, run_start, end - MEMBER_SLACK)
+                if member_end is not None:
+                    stops.append(member_end + MEMBER_SLACK)
+            return min(stops, default=None)
+
+        return fence
+
+    def _member_end(self, handle: OpenFile, run_start: int, at: int) -> int | None:
+        """The first member boundary at or after ``at``; learnt in the background if the
+        archive's are not known yet (tried again at the next run, not at each read, when
+        the cache did not hold its directory). While they are learnt, ``at`` itself: a
+        reader's window grows fast, and would otherwise run on past the member first."""
+        key = (handle.node.ino, handle.version)
+        bounds = self._bounds.get(key)
+        if bounds is None:
+            nursery = self._nursery()
+            if (key not in self._learning and (*key, run_start) not in self._tried
+                    and nursery is not None):
+                self._learning.add(key)
+                self._tried[(*key, run_start)] = True
+                nursery.start_soon(self._learn, key, handle)
+            return at if key in self._learning else None
+        i = bisect.bisect_left(bounds, at)
+        return bounds[i] if i < len(bounds) else None
+
+    async def _learn(self, key: Hashable, handle: OpenFile) -> None:
+        size = handle.info.size
+        short = False
+
+        async def read(offset: int, length: int) -> bytes:
+            nonlocal short
+            # Of the tail, what the cache holds of its end: a tool reads the end record and
+            # the directory, not the 64 KiB before them where a comment could be.
+            tail = offset + length == size
+            data = self._cached(handle, offset, length, tail)
+            if data is None:
+                raise _NotCached
+            short = short or len(data) < length
+            return data
+
+        try:
+            try:
+                found, _ = await zipindex.read_index(read, size)
+            except BadArchive:
+                if short:  # the end record may lie before what the cache holds
+                    raise _NotCached from None
+                raise
+            # Sorting half a million offsets is no work for the event loop.
+            self._bounds[key] = await trio.to_thread.run_sync(_boundaries, found, size)
+        except _NotCached:
+            pass
+        except BadArchive:
+            self._bounds[key] = array("q")  # nothing to go by: no fences
+        except Exception:  # in the mount's top-level nursery: must never end the mount
+            log.exception("%s: unexpected error reading its member boundaries",
+                          handle.file.path)
+            self._bounds[key] = array("q")
+        finally:
+            self._learning.discard(key)
+
+
+def _boundaries(found: list[zipindex.Fields], size: int) -> array[int]:
+    """Where each member's local header starts, in order, and the archive's end: a
+    member's bytes end at the next boundary."""
+    return array("q", sorted({fields[5] for fields in found} | {size}))
