@@ -5,6 +5,7 @@ within its size, private, and one mount's."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import random
 import stat
@@ -16,29 +17,28 @@ import pytest
 
 from tests.conftest import MiB, MountFactory, run_zohofs
 from tests.helpers import Mount, data_gets, sha256, wait_for
-from zohofs.diskcache import LAYOUT
+from zohofs import diskcache
+from zohofs.diskcache import LAYOUT, OLD_LAYOUTS, DiskCache
 from zohofs.emulator.backup import Backup
 from zohofs.emulator.server import Emulator
+from zohofs.planner import CHUNK
 
 JOB = "757345985/4876876000001594004"
 NAME = "Attachments_001.zip"
 
 
 def chunk_files(cache: Path) -> list[Path]:
-    """The chunk files now, while the mount may be writing and evicting (a version's
-    folder goes with its last chunk)."""
-    found = []
-    for version in (cache / LAYOUT).iterdir():
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            found += [p for p in version.iterdir() if not p.name.endswith(".tmp")]
-    return found
+    """The files of chunks now, one per version of a file (with its index beside it)."""
+    return sorted((cache / LAYOUT).glob("*.chunks"))
 
 
 def cached_bytes(cache: Path) -> int:
+    """What the cache takes on disk now, while the mount may be writing and evicting: the
+    blocks of the chunk files (holes take none), and their indexes."""
     total = 0
-    for path in chunk_files(cache):
+    for path in [*chunk_files(cache), *(cache / LAYOUT).glob("*.index")]:
         with contextlib.suppress(FileNotFoundError):  # evicted meanwhile
-            total += path.stat().st_size
+            total += path.stat().st_blocks * 512
     return total
 
 
@@ -61,7 +61,8 @@ def test_a_remount_reads_from_disk_and_fetches_nothing(
     assert first.stop() == 0
     assert stat.S_IMODE((cache / LAYOUT).stat().st_mode) == 0o700
     assert stat.S_IMODE(cache.stat().st_mode) == 0o700  # made by zohofs: private
-    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in chunk_files(cache))
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600
+               for p in (cache / LAYOUT).iterdir())
     before = len(data_gets(emulator, NAME))
     second = mount("--cache-dir", str(cache), name="second")
     assert sha256(copy_through(second)) == sha256(data)
@@ -99,13 +100,16 @@ def filled(mount: MountFactory, backup: Backup, tmp_path: Path) -> Iterator[Path
 
 def test_damaged_and_half_written_chunks_are_fetched_again(
         filled: Path, mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
-    chunks = sorted(chunk_files(filled), key=lambda p: int(p.name))
-    flipped, cut = chunks[3], chunks[5]
-    data = bytearray(flipped.read_bytes())
-    data[-100] ^= 0x01  # a bit flip on the disk
-    flipped.write_bytes(bytes(data))
-    cut.write_bytes(cut.read_bytes()[:1000])  # a full disk, or a crash mid-write
-    leftover = chunks[0].with_name("7.1234.tmp")  # kill -9 before the rename
+    [chunks] = chunk_files(filled)
+    with open(chunks, "r+b") as f:
+        f.seek(3 * CHUNK + 100)
+        flipped = f.read(1)[0] ^ 0x01  # a bit flip on the disk
+        f.seek(3 * CHUNK + 100)
+        f.write(bytes([flipped]))
+        f.seek(5 * CHUNK + 1000)
+        f.write(bytes(CHUNK - 1000))  # a crash mid-write: a record without all its bytes
+    # A killed mount's chunks whose index was never written: nothing says what they are.
+    leftover = chunks.with_name("0123456789abcdef-0123456789abcdef.chunks")
     leftover.write_bytes(b"half a chunk")
     before = len(data_gets(emulator, NAME))
     m = mount("--cache-dir", str(filled), name="again")
@@ -172,8 +176,7 @@ def test_a_new_version_on_the_server_never_meets_the_old_chunks(
     again = mount("--cache-dir", str(cache), name="new")
     assert sha256(copy_through(again)) == sha256(new)
     # The old version's chunks are retired once the new one is opened.
-    wait_for(lambda: len({p.parent.name for p in chunk_files(cache)}) == 1, 20,
-             "the old chunks gone")
+    wait_for(lambda: len(chunk_files(cache)) == 1, 20, "the old chunks gone")
 
 
 def test_writing_stops_before_the_disk_is_full(
@@ -209,3 +212,85 @@ def test_an_expanded_folder_is_listed_from_disk_after_a_restart(
     again = mount("--expand", "--cache-dir", str(cache), name="again")
     assert sorted(os.listdir(again.path / folder)) == listed
     assert len(data_gets(emulator, "Data_001.zip")) == before  # the central directory too
+
+
+def test_an_older_layout_is_removed_unless_a_mount_uses_it(tmp_path: Path) -> None:
+    # Chunks of the first layout (SHA-256 headers) would otherwise stay, outside the size.
+    old = tmp_path / OLD_LAYOUTS[0]
+    (old / "v").mkdir(parents=True)
+    (old / "v" / "0").write_bytes(b"x" * 1000)
+    lock = os.open(old / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # an older zohofs mounted with it
+        cache = DiskCache(tmp_path, 1 << 20)
+        cache.open()
+        cache.close()
+        assert (old / "v" / "0").exists()
+    finally:
+        os.close(lock)
+    cache = DiskCache(tmp_path, 1 << 20)
+    cache.open()
+    cache.close()
+    assert not old.exists() and (tmp_path / LAYOUT).is_dir()
+
+
+def test_a_mount_killed_mid_copy_leaves_only_sound_chunks(
+        mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path) -> None:
+    # kill -9 while chunks are being written: a record may be on disk without all its
+    # bytes. The next mount reads every byte right, from disk where sound.
+    cache, name = tmp_path / "cache", "Attachments_009.zip"
+    data = random.Random(99).randbytes(64 * MiB)
+    emulator.add_file(backup.zgid, backup.job_id, name, data)
+    first = mount("--cache-dir", str(cache), name="killed")
+    copy = subprocess.Popen(["cat", str(first.path / JOB / name)], stdout=subprocess.DEVNULL)
+    wait_for(lambda: cached_bytes(cache) > 8 * MiB, 30, "chunks being written")
+    first.kill()  # SIGKILL, then the dead mount point unmounted
+    copy.wait(30)
+    fetched = len(data_gets(emulator, name))
+    again = mount("--cache-dir", str(cache), name="again")
+    again.expect_log("disk cache: dropping the damaged chunks")  # if the kill cut one
+    assert sha256(copy_through(again, name)) == sha256(data)
+    assert len(data_gets(emulator, name)) > fetched  # what the first never had
+    wait_for(lambda: written(cache, len(data)), 30, "all of it on disk")
+    assert again.stop() == 0
+    third = mount("--cache-dir", str(cache), name="third")
+    fetched = len(data_gets(emulator, name))
+    assert sha256(copy_through(third, name)) == sha256(data)
+    assert len(data_gets(emulator, name)) == fetched
+
+
+def loaded(cache: DiskCache, version: str, first: int, count: int) -> list[bytes] | None:
+    pieces = cache.load(version, first, [CHUNK] * count)
+    return None if pieces is None else [bytes(p) for p in pieces]
+
+
+@pytest.mark.parametrize("punch", [True, False])
+def test_evicted_chunks_give_their_room_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, punch: bool) -> None:
+    # Where the filesystem cannot punch holes, the least recently used version goes
+    # whole; either way the files take no more than the size, and what stays is sound.
+    if not punch:
+        monkeypatch.setattr(diskcache, "_punch", lambda fd, offset, length: False)
+    cache = DiskCache(tmp_path, capacity=12 * CHUNK + 256)
+    cache.open()
+    rng = random.Random(3)
+    chunks = {v: [rng.randbytes(CHUNK) for _ in range(8)] for v in ("a-1", "b-1")}
+    try:
+        for version, pieces in chunks.items():
+            cache.store(version, 0, pieces[:4])
+            cache.store(version, 4, pieces[4:])
+        on_disk = sum(p.stat().st_blocks * 512 for p in (tmp_path / LAYOUT).glob("*.chunks"))
+        assert cache.size <= cache.capacity and on_disk <= cache.capacity
+        assert loaded(cache, "b-1", 4, 4) == chunks["b-1"][4:]
+        assert cache.load("a-1", 0, [CHUNK]) is None  # the oldest went first
+        if not punch:
+            assert not (tmp_path / LAYOUT / "a-1.chunks").exists()
+    finally:
+        cache.close()
+    reopened = DiskCache(tmp_path, capacity=12 * CHUNK + 256)
+    reopened.open()  # what the index says, in the order it was used
+    try:
+        assert reopened.size == cache.size
+        assert loaded(reopened, "b-1", 4, 4) == chunks["b-1"][4:]
+    finally:
+        reopened.close()
