@@ -138,3 +138,29 @@ def test_readers_that_share_a_file_out_fetch_each_byte_once(
         out, _ = reader.communicate(timeout=120)
         assert out == data[i * 16 * MiB:(i + 1) * 16 * MiB], i
     assert fetched(data_gets(emulator, "Attachments_009.zip")) <= 1.05 * len(data)
+
+
+def test_a_copy_of_part_of_a_zip_is_fetched_ahead_of_as_any(
+        mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
+    # A parallel or resumed copy reads from the middle of a zip whose central directory
+    # the cache holds: it extracts no member, and its window must not stop at each of
+    # the small members it crosses (a GET per chunk then).
+    rng = random.Random(11)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        for i in range(400):
+            z.writestr(f"Attachments/{i}.bin", rng.randbytes(100_000 + i))
+        # Inside a member, past its header: no extraction.
+        start = z.getinfo("Attachments/100.bin").header_offset + 1000
+    archive = buffer.getvalue()
+    rel = add(emulator, backup, "Data_003.zip", archive)
+    m = mount("--block-size", "8M")
+    subprocess.run(["unzip", "-l", str(m.path / rel)], stdout=subprocess.DEVNULL, check=True)
+    before = len(data_gets(emulator, "Data_003.zip"))
+    with open(m.path / rel, "rb", buffering=0) as f:
+        f.seek(start)
+        got = b"".join(iter(lambda: f.read(MiB), b""))
+    assert got == archive[start:]
+    gets = data_gets(emulator, "Data_003.zip")[before:]
+    # Measured: 32 GETs when the window stopped near each member's end, 13 with it whole.
+    assert len(gets) <= 20, len(gets)

@@ -5,6 +5,7 @@ within its size, private, and one mount's."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import random
@@ -270,7 +271,7 @@ def test_evicted_chunks_give_their_room_back(
     # Where the filesystem cannot punch holes, the least recently used version goes
     # whole; either way the files take no more than the size, and what stays is sound.
     if not punch:
-        monkeypatch.setattr(diskcache, "_punch", lambda fd, offset, length: False)
+        monkeypatch.setattr(diskcache, "_punch", lambda fd, offset, length: errno.EOPNOTSUPP)
     cache = DiskCache(tmp_path, capacity=12 * CHUNK + 256)
     cache.open()
     rng = random.Random(3)

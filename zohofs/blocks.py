@@ -62,10 +62,13 @@ class OpenFile:
     # The version's name in the disk cache; None without one, or without validators
     # (nothing would prove that a later mount reads the same bytes).
     on_disk: str | None = None
+    # zohofs's own reads of an archive (--expand: its index, its members): they know
+    # where they stop, and no member boundaries need learning for them (interest.py).
+    own: bool = False
 
 
 class BlockReader:
-    """One class, about 270 lines: claiming, prefetching, holding and dropping chunks
+    """One class, about 350 lines: claiming, prefetching, holding and dropping chunks
     share the cache, the budget and each handle's held chunks, whose invariants (a
     chunk claimed once, a held chunk counted once) are easier to keep in one place."""
 

@@ -110,7 +110,6 @@ class DiskCache:
         self._full_said = False
         self._writing = 0  # bytes the writer threads are writing now
         self._used: set[tuple[str, int]] = set()  # chunks whose time this mount renewed
-        self._started = int(time.time())
         self._can_punch = True
 
     # -- the directory -----------------------------------------------------------------
@@ -145,7 +144,8 @@ class DiskCache:
                     entry.unlink(missing_ok=True)  # its index never made: nothing known
                 continue
             records = _read_index(entry, version) if entry.name.endswith(INDEX) else None
-            if not records:  # not ours, not whole, or empty: nothing in it is known
+            if not records or not (self.root / f"{version}{CHUNKS}").exists():
+                # Not ours, not whole, empty, or its chunks gone: nothing in it is known.
                 log.info("disk cache: removing %s (not a cache file of this zohofs)", entry)
                 _remove(entry)
                 (self.root / f"{version}{CHUNKS}").unlink(missing_ok=True)
@@ -161,27 +161,31 @@ class DiskCache:
                  self.size / 1e6, len(self._lru), self.capacity / 1e6)
 
     def close(self) -> None:
+        """At the mount's end, when no worker thread is left."""
         with self._lock:
-            for files in self._open.values():
-                files.close()
-            self._open.clear()
+            self._close_unused(keep=0)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
+            self._lock_fd = None
 
     @contextlib.contextmanager
     def _files(self, version: str, create: bool) -> Iterator[_Files | None]:
         """The version's files, open for this caller (None when they do not exist and
-        ``create`` is false)."""
+        ``create`` is false). Opened under the lock, as they are removed: a version's
+        files are never opened as they go (writes to a removed file would be lost)."""
         with self._lock:
             files = self._open.get(version)
+            if files is None:
+                files = self._open_files(version, create)
+                if files is not None:
+                    self._open[version] = files
+                    self._close_unused(keep=OPEN_VERSIONS)
             if files is not None:
                 self._open.move_to_end(version)
                 files.users += 1
         if files is None:
-            files = self._open_files(version, create)
-            if files is None:
-                yield None
-                return
+            yield None
+            return
         try:
             yield files
         finally:
@@ -192,29 +196,21 @@ class DiskCache:
 
     def _open_files(self, version: str, create: bool) -> _Files | None:
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-        index_path = self.root / f"{version}{INDEX}"
         try:
-            index = os.open(index_path, flags, 0o600)
+            index = os.open(self.root / f"{version}{INDEX}", flags, 0o600)
         except FileNotFoundError:
             return None
         try:
             if create and os.fstat(index).st_size == 0:
                 os.pwrite(index, _INDEX_HEADER.pack(_MAGIC, version.encode()), 0)
             chunks = os.open(self.root / f"{version}{CHUNKS}", flags, 0o600)
+        except FileNotFoundError:  # removed by hand: nothing of it can be read
+            os.close(index)
+            return None
         except BaseException:
             os.close(index)
             raise
-        files = _Files(chunks, index)
-        with self._lock:
-            raced = self._open.get(version)
-            if raced is not None:  # another thread opened them meanwhile: use its
-                files.close()
-                files = raced
-            else:
-                self._open[version] = files
-                self._close_unused(keep=OPEN_VERSIONS)
-            files.users += 1
-        return files
+        return _Files(chunks, index)
 
     def _close_unused(self, keep: int) -> None:
         """Close the least recently opened versions' files beyond ``keep`` (with the lock
@@ -247,37 +243,50 @@ class DiskCache:
                 return None
             for key in keys:
                 self._lru.move_to_end(key)
-            renew = [key for key in keys if key not in self._used]
-            if len(self._used) + len(renew) > USED_KEPT:
-                self._used.clear()
-            self._used.update(renew)
+            renew = any(key not in self._used for key in keys)
         pieces = [memoryview(buffer(length))[:length] for length in lengths]
         try:
             with self._files(version, create=False) as files:
-                if files is None:
+                if files is None:  # removed behind zohofs's back: known no more
+                    self._drop(keys)
                     return None
                 got = os.preadv(files.chunks, pieces, first * CHUNK)
                 bad = [key for key, piece, (_, digest) in zip(keys, pieces, kept, strict=True)
                        if _digest(piece) != digest]
                 if got == sum(lengths) and not bad:
                     if renew:  # recency survives a restart (renewed once a mount)
-                        self._renew(files, first, kept)
+                        self._renew(files, keys, kept)
                     self.hits += len(pieces)
                     return pieces
-        except OSError:
-            return None  # a miss: fetched from the server
-        log.warning("disk cache: dropping the damaged chunks %s of %s (fetched again)",
-                    ", ".join(str(i) for _, i in bad) if bad else "(cut short)",
-                    self.root / f"{version}{CHUNKS}")
-        self.dropped += len(bad or keys)
-        with self._io:
-            self._clear(self._drop(bad or keys))
-        return None
+            log.warning("disk cache: dropping the damaged chunks %s of %s (fetched again)",
+                        ", ".join(str(i) for _, i in bad) if bad else "(cut short)",
+                        self.root / f"{version}{CHUNKS}")
+            self.dropped += len(bad or keys)
+            with self._io:
+                self._clear(self._drop(bad or keys))
+        except OSError as exc:
+            log.warning("disk cache: cannot read %s: %s", self.root, exc.strerror or exc)
+        return None  # a miss: fetched from the server
 
-    def _renew(self, files: _Files, first: int, kept: list[tuple[int, int]]) -> None:
-        records = b"".join(_RECORD.pack(length, digest, self._started) for length, digest in kept)
-        with contextlib.suppress(OSError):  # a read-only disk: still sound
-            os.pwrite(files.index, records, _INDEX_HEADER.size + first * _RECORD.size)
+    def _renew(self, files: _Files, keys: list[tuple[str, int]],
+               kept: list[tuple[int, int]]) -> None:
+        """Write when these chunks were used, unless a writer or an eviction is at work
+        (it might be giving them back: a record written after would bring one back)."""
+        if not self._io.acquire(blocking=False):
+            return
+        try:
+            with self._lock:
+                if any(key not in self._lru for key in keys):
+                    return
+                if len(self._used) + len(keys) > USED_KEPT:
+                    self._used.clear()
+                self._used.update(keys)
+            now = int(time.time())
+            records = b"".join(_RECORD.pack(length, digest, now) for length, digest in kept)
+            with contextlib.suppress(OSError):  # a read-only disk: still sound
+                os.pwrite(files.index, records, _INDEX_HEADER.size + keys[0][1] * _RECORD.size)
+        finally:
+            self._io.release()
 
     # -- writing (worker threads) ---------------------------------------------------------
 
@@ -301,13 +310,15 @@ class DiskCache:
         # Fetched from the server: what the disk has of them, if anything, was not sound
         # (or is the same bytes, kept twice at once); overwritten below.
         self._drop(keys)
-        self._evict(size)  # counted from now on
         digests = [_digest(p) for p in pieces]
+        now = int(time.time())
         try:
+            self._evict(size)  # counted from now on (taken back below if this fails)
             with self._files(version, create=True) as files:
-                assert files is not None
+                if files is None:
+                    raise OSError(errno.ENOENT, "the cache directory is gone")
                 # The records first: cut short after them, the bytes fail their hash.
-                records = b"".join(_RECORD.pack(len(p), digest, self._started)
+                records = b"".join(_RECORD.pack(len(p), digest, now)
                                    for p, digest in zip(pieces, digests, strict=True))
                 os.pwrite(files.index, records, _INDEX_HEADER.size + first * _RECORD.size)
                 if os.pwritev(files.chunks, pieces, first * CHUNK) != sum(map(len, pieces)):
@@ -315,7 +326,8 @@ class DiskCache:
         except BaseException:
             with self._lock:
                 self.size -= size
-            self._clear({version: [i for _, i in keys]})
+            with contextlib.suppress(OSError):
+                self._clear({version: [i for _, i in keys]})
             raise
         with self._lock:
             for key, piece, digest in zip(keys, pieces, digests, strict=True):
@@ -330,8 +342,12 @@ class DiskCache:
             return False
         self._retired.add(version)
         prefix = version.split("-")[0] + "-"
-        others = {entry.name.removesuffix(INDEX) for entry in self.root.iterdir()
-                  if entry.name.startswith(prefix) and entry.name.endswith(INDEX)}
+        try:
+            others = {entry.name.removesuffix(INDEX) for entry in self.root.iterdir()
+                      if entry.name.startswith(prefix) and entry.name.endswith(INDEX)}
+        except OSError as exc:  # in the mount's top-level nursery: must never end it
+            log.warning("disk cache: cannot read %s: %s", self.root, exc.strerror or exc)
+            return True
         with self._io:
             for other in others - {version}:
                 self._remove_version(other)
@@ -391,19 +407,26 @@ class DiskCache:
             if empty or not self._can_punch:
                 self._remove_version(version)
                 continue
+            punched = True
             with self._files(version, create=False) as files:
                 if files is None:
                     continue
                 for start, stop in _runs(sorted(indices)):
+                    # The hole first: killed before the record is cleared, the chunk fails
+                    # its hash; the other way round its bytes would stay, counted nowhere.
+                    failed = _punch(files.chunks, start * CHUNK, (stop - start) * CHUNK)
+                    if failed:
+                        punched = False
+                        if failed in (errno.EOPNOTSUPP, errno.ENOSYS):
+                            self._can_punch = False
+                            log.warning("disk cache: the filesystem under %s cannot give "
+                                        "back parts of a file: whole files go instead",
+                                        self.root)
+                        break
                     with contextlib.suppress(OSError):
                         os.pwrite(files.index, bytes(_RECORD.size * (stop - start)),
                                   _INDEX_HEADER.size + start * _RECORD.size)
-                    if not _punch(files.chunks, start * CHUNK, (stop - start) * CHUNK):
-                        self._can_punch = False
-                        log.warning("disk cache: the filesystem under %s cannot give back "
-                                    "parts of a file: whole files go instead", self.root)
-                        break
-            if not self._can_punch:
+            if not punched:
                 self._remove_version(version)
 
     def _remove_version(self, version: str) -> None:
@@ -417,8 +440,9 @@ class DiskCache:
                 files.retired = True
                 if not files.users:
                     files.close()
-        for suffix in (INDEX, CHUNKS):
-            (self.root / f"{version}{suffix}").unlink(missing_ok=True)
+            for suffix in (INDEX, CHUNKS):  # under the lock: nobody opens them meanwhile
+                with contextlib.suppress(OSError):  # a read-only disk: nothing to give back
+                    (self.root / f"{version}{suffix}").unlink(missing_ok=True)
 
 
 def _digest(data: bytes | memoryview) -> int:
@@ -463,10 +487,12 @@ if _fallocate is not None:
     _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
-def _punch(fd: int, offset: int, length: int) -> bool:
-    """Give the blocks of ``[offset, offset+length)`` back to the filesystem; False where
-    it cannot (then the caller removes whole files)."""
-    return _fallocate is not None and _fallocate(fd, _PUNCH_HOLE, offset, length) == 0
+def _punch(fd: int, offset: int, length: int) -> int:
+    """Give the blocks of ``[offset, offset+length)`` back to the filesystem: 0, or the
+    error number of why not."""
+    if _fallocate is None:
+        return errno.ENOSYS
+    return 0 if _fallocate(fd, _PUNCH_HOLE, offset, length) == 0 else ctypes.get_errno()
 
 
 def _remove(path: Path) -> None:

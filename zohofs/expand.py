@@ -115,6 +115,7 @@ class Expander:
         assert archive.file is not None
         path = archive.file.path
         handle = self._blocks.open(archive, await self._prober.for_open(archive))
+        handle.own = True
 
         async def read(offset: int, length: int) -> bytes:
             # A MiB at a time: a directory of tens of MiB read in one go would hold that
@@ -233,6 +234,7 @@ class Expander:
         archive_node = self._tree.node(node.view.archive)
         archive = self._blocks.open(archive_node,
                                     await self._prober.for_open(archive_node))
+        archive.own = True
         name = f"{view_name(archive.file.path)}/{member.path}"
         try:
             key = (archive.node.ino, archive.version, member.path)

@@ -7,12 +7,14 @@ where it stopped):
   them (eight ``dd`` of an eighth each, a parallel copy) each stop where the next one
   began; the bytes past that point were that reader's, read long ago and maybe evicted.
   A reader that does go on past it fetches on demand there, then ahead again.
-- **The end of an archive member**, for a run that did not start at byte 0 of a zip (an
-  archive tool extracting one member: it read the central directory first, then seeks to
-  the member's local header). The member boundaries come from that central directory,
-  parsed from what the cache holds of it: no request of its own. A copy (a run from
-  byte 0) is never fenced, and a tool going from member to member finds its fence moved
-  on as it goes.
+- **The end of an archive member**, for a run that began at a member's local header (or
+  up to :data:`MEMBER_LEAD` before it, where a tool's buffer is aligned) of a zip: an
+  archive tool extracting one member, which read the central directory first. The member
+  boundaries come from that central directory, parsed from what the cache holds of it:
+  no request of its own. Such a run is fetched ahead of to :data:`MEMBER_SLACK` past the
+  member's end, and always that far past its reader: a tool going on from member to
+  member still finds its next bytes fetched. A copy (a run from byte 0) or a run that
+  began elsewhere (a parallel or resumed copy) is not fenced.
 
 No I/O here but the cache's and a worker thread's: :class:`Interest` answers from what it
 knows and learns the rest in the background.
@@ -31,24 +33,31 @@ import trio
 
 from zohofs import zipindex
 from zohofs.errors import BadArchive
-from zohofs.planner import MiB
+from zohofs.planner import Fence, MiB
 
 if TYPE_CHECKING:
     from zohofs.blocks import OpenFile
 
 log = logging.getLogger(__name__)
 
-# How far past a member's end a reader in it is still fetched ahead of: the next members'
-# headers and, for small members, their bytes too (extracting many small ones in order
-# then still finds its next bytes fetched).
+# How far past a member's end, and past its reader, a run extracting it is fetched ahead.
 MEMBER_SLACK = 2 * MiB
+# How far before a member's local header a run may begin and still be its extraction.
+MEMBER_LEAD = 64 * 1024
 # Archives (versions) whose member boundaries are kept: 8 bytes a member.
 ARCHIVES_KEPT = 8
+# A central directory bigger than this (some 80 000 members) is not parsed for fences: a
+# parse of its own would cost seconds of CPU and memory outside the cache's budget.
+LEARNT_DIRECTORY = 8 * MiB
 RUNS_TRIED = 64
 
 
 class _NotCached(Exception):
     """The central directory is not all in the cache: learnt at a later run, maybe."""
+
+
+class _TooBig(Exception):
+    """The central directory is bigger than :data:`LEARNT_DIRECTORY`."""
 
 
 class Interest:
@@ -67,8 +76,7 @@ class Interest:
         # the cache: a run tries once, whoever else reads.
         self._tried: cachetools.LRUCache[Hashable, bool] = cachetools.LRUCache(RUNS_TRIED)
 
-    def fence(self, handle: OpenFile, readers: Iterable[OpenFile]) -> Callable[[int, int],
-                                                                             int | None]:
+    def fence(self, handle: OpenFile, readers: Iterable[OpenFile]) -> Fence:
         """Where fetching ahead of ``handle``'s run stops (see the module's doc), given
         the run's start and where its last read ended; ``readers`` are the open handles."""
 
@@ -76,33 +84,37 @@ class Interest:
             stops = [h.pattern.run_start for h in readers
                      if h is not handle and h.node is handle.node and h.version == handle.version
                      and h.pattern.sequential and h.pattern.run_start >= end]
-            if run_start != 0 and handle.file.name.endswith(".zip"):
-                # The member the reader was in MEMBER_SLACK ago: a tool's last buffered
-                # read of a member reaches into the next one, which is no interest in it.
-                member_end = self._member_end(handle, run_start, end - MEMBER_SLACK)
+            if run_start != 0 and not handle.own and handle.file.name.endswith(".zip"):
+                member_end = self._member_end(handle, run_start, end)
                 if member_end is not None:
-                    stops.append(member_end + MEMBER_SLACK)
+                    stops.append(member_end)
             return min(stops, default=None)
 
         return fence
 
-    def _member_end(self, handle: OpenFile, run_start: int, at: int) -> int | None:
-        """The first member boundary at or after ``at``; learnt in the background if the
-        archive's are not known yet (tried again at the next run, not at each read, when
-        the cache did not hold its directory). While they are learnt, ``at`` itself: a
-        reader's window grows fast, and would otherwise run on past the member first."""
+    def _member_end(self, handle: OpenFile, run_start: int, end: int) -> int | None:
+        """Where fetching ahead of a run extracting a member stops (None for a run that
+        extracts none); the boundaries learnt in the background if the archive's are not
+        known yet (tried again at the next run, not at each read, when the cache did not
+        hold its directory). While they are learnt, ``end`` itself: a reader's window
+        grows fast, and would otherwise run on past the member first."""
         key = (handle.node.ino, handle.version)
         bounds = self._bounds.get(key)
         if bounds is None:
             nursery = self._nursery()
             if (key not in self._learning and (*key, run_start) not in self._tried
                     and nursery is not None):
+                nursery.start_soon(self._learn, key, handle)
                 self._learning.add(key)
                 self._tried[(*key, run_start)] = True
-                nursery.start_soon(self._learn, key, handle)
-            return at if key in self._learning else None
-        i = bisect.bisect_left(bounds, at)
-        return bounds[i] if i < len(bounds) else None
+            return end if key in self._learning else None
+        first = bisect.bisect_left(bounds, run_start)
+        if first == len(bounds) or bounds[first] - run_start > MEMBER_LEAD:
+            return None  # not begun at a member: a copy's part, not an extraction
+        # The member the reader was in MEMBER_SLACK ago: a tool's last buffered read of a
+        # member reaches into the next one, which is no interest in it.
+        i = bisect.bisect_left(bounds, end - MEMBER_SLACK)
+        return max(bounds[i] if i < len(bounds) else end, end) + MEMBER_SLACK
 
     async def _learn(self, key: Hashable, handle: OpenFile) -> None:
         size = handle.info.size
@@ -113,6 +125,8 @@ class Interest:
             # Of the tail, what the cache holds of its end: a tool reads the end record and
             # the directory, not the 64 KiB before them where a comment could be.
             tail = offset + length == size
+            if not tail and length > LEARNT_DIRECTORY:
+                raise _TooBig
             data = self._cached(handle, offset, length, tail)
             if data is None:
                 raise _NotCached
@@ -130,7 +144,7 @@ class Interest:
             self._bounds[key] = await trio.to_thread.run_sync(_boundaries, found, size)
         except _NotCached:
             pass
-        except BadArchive:
+        except (BadArchive, _TooBig):
             self._bounds[key] = array("q")  # nothing to go by: no fences
         except Exception:  # in the mount's top-level nursery: must never end the mount
             log.exception("%s: unexpected error reading its member boundaries",
@@ -143,4 +157,4 @@ class Interest:
 def _boundaries(found: list[zipindex.Fields], size: int) -> array[int]:
     """Where each member's local header starts, in order, and the archive's end: a
     member's bytes end at the next boundary."""
-    return array("q", sorted({fields[5] for fields in found} | {size}))
+    return array("q", sorted({offset for _, _, _, _, _, offset, *_ in found} | {size}))

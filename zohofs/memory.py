@@ -53,8 +53,8 @@ class Collector:
     Each time :data:`FREEZE_STEP` more are held, what exists is moved out of the
     collector's sight (``gc.freeze``): a full collection then follows only what came since.
     Nodes make no reference cycles: frozen or not, each is freed as soon as the tree lets
-    go of it. Cyclic garbage that happened to exist at a freeze waits for
-    :meth:`give_back`.
+    go of it. Cyclic garbage that happened to exist at a freeze waits until the nodes
+    shrink by a step, or :meth:`give_back`.
     """
 
     FREEZE_STEP = 25_000
@@ -68,7 +68,10 @@ class Collector:
             gc.freeze()
             self._held_at_freeze = count
         elif count < self._held_at_freeze - self.FREEZE_STEP:
-            self._held_at_freeze = count  # many were freed: count the growth from here
+            # Many were freed: the collector may look at everything again (garbage in
+            # cycles that happened to be frozen included), and growth counts from here.
+            gc.unfreeze()
+            self._held_at_freeze = count
 
     def give_back(self) -> None:
         """Hand freed memory back: garbage in reference cycles first, the frozen included
