@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import many_members, zip64_by_hand
+from zohofs import contents as contents_module
 from zohofs.cache import ChunkCache
 from zohofs.contents import Contents
 from zohofs.emulator.backup import corrupt_member, generate
@@ -249,3 +250,14 @@ def test_an_index_and_its_contents_leave_the_collector_nothing_per_member() -> N
 
 async def _bytes_at(data: bytes, offset: int, size: int) -> bytes:
     return data[offset:offset + size]
+
+
+def test_a_big_folder_is_sorted_a_step_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(contents_module, "SORT_STEP", 7)
+    rng = random.Random(4)
+    names = list({rng.randbytes(6).hex() + rng.choice(["", ".txt", " é"]) for _ in range(1000)})
+    contents = Contents([(f"d/{n}", 0, 1, 1, 0, i, 0.0, False, 0o444)
+                         for i, n in enumerate(names)])
+    folder = contents.folder("d")
+    assert folder is not None
+    assert [contents.name(e) for e in folder.entries] == sorted(names)

@@ -34,6 +34,8 @@ MEMBER_READERS_KEPT = 4
 INDEX_STEP = 1 << 20
 # Nodes checked against an archive's new contents between two turns of the event loop.
 REFRESH_STEP = 2000
+# Members freed at a time in a worker thread (a step is one call, which holds Python's lock).
+FREE_STEP = 10_000
 
 
 async def _now_and_then(n: int) -> None:
@@ -63,6 +65,16 @@ class OpenMember:
     source: ArchiveBytes  # the archive's bytes, through a handle of its own
     activity: FileActivity
     key: Hashable  # of its reader: (archive inode, archive version, member path)
+
+
+def _arranged(found: list[zipindex.Fields]) -> Contents:
+    """The members as contents, in a worker thread; the parse's tuples freed there too,
+    a step at a time (freeing half a million at once is one call that holds Python's lock,
+    and the event loop, for 0.02 to 0.1 s)."""
+    contents = Contents(found)
+    while found:
+        del found[-FREE_STEP:]
+    return contents
 
 
 class Expander:
@@ -101,8 +113,7 @@ class Expander:
             except ZohofsError as exc:
                 view.failure = Failure(exc)
                 raise
-            contents = await trio.to_thread.run_sync(Contents, found)
-            del found  # the members as objects: five times what the contents keep
+            contents = await trio.to_thread.run_sync(_arranged, found)
             # Shown at once (a listing under way stops at its next turn, see entries());
             # the nodes alive are then brought in step with it.
             view.contents, view.subfolders = contents, contents.top.subfolders
