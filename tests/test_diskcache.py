@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import MiB, MountFactory, run_zohofs
 from tests.helpers import Mount, data_gets, sha256, wait_for
-from zohofs import diskcache
+from zohofs import chunkfiles
 from zohofs.diskcache import LAYOUT, OLD_LAYOUTS, DiskCache
 from zohofs.emulator.backup import Backup
 from zohofs.emulator.server import Emulator
@@ -271,7 +271,7 @@ def test_evicted_chunks_give_their_room_back(
     # Where the filesystem cannot punch holes, the least recently used version goes
     # whole; either way the files take no more than the size, and what stays is sound.
     if not punch:
-        monkeypatch.setattr(diskcache, "_punch", lambda fd, offset, length: errno.EOPNOTSUPP)
+        monkeypatch.setattr(chunkfiles.Files, "punch", lambda self, start, stop: errno.EOPNOTSUPP)
     cache = DiskCache(tmp_path, capacity=12 * CHUNK + 256)
     cache.open()
     rng = random.Random(3)

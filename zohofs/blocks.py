@@ -102,7 +102,7 @@ class BlockReader:
         self._open: set[OpenFile] = set()
         self._opens = itertools.count(1)
         self._nursery: trio.Nursery | None = None
-        self._interest = Interest(self._cached, lambda: self._nursery)
+        self._interest: Interest[OpenFile] = Interest(self._cached, lambda: self._nursery)
 
     def start(self, nursery: trio.Nursery) -> None:
         """Give the reader a place to run background prefetches."""

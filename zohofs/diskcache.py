@@ -2,11 +2,10 @@
 later reads, later mounts, within a size the admin sets.
 
 Layout: ``DIR/zohofs-cache-2/<version>.chunks`` and ``<version>.index`` for each version
-of each file, where ``version`` is a digest of the file's path and validators (a new
-version never meets an old one's chunks). The ``.chunks`` file holds chunk ``i`` at byte
-``i * CHUNK``, with holes where nothing is kept; the ``.index`` file starts with a header
-naming the version, then a record per chunk: its length, an XXH3 hash of its bytes, and
-when it was last used (for the least-recently-used order across restarts). A record is
+of each file (chunkfiles.py), where ``version`` is a digest of the file's path and
+validators (a new version never meets an old one's chunks). The index keeps each chunk's
+length, an XXH3 hash of its bytes, and when it was last used (for the least-recently-used
+order across restarts). A record is
 written before its bytes: a mount killed in between, a short write on a full disk, a bit
 flipped on the disk all leave a chunk whose bytes do not match its hash, which is a miss
 (dropped, said in the log, fetched again), never data.
@@ -31,32 +30,33 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import errno
 import fcntl
 import hashlib
 import logging
 import os
 import shutil
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-import xxhash
-
+from zohofs.chunkfiles import (
+    CHUNKS,
+    INDEX,
+    RECORD_SIZE,
+    Files,
+    digest,
+    files_of,
+    read_index,
+    runs,
+)
 from zohofs.errors import ConfigError
-from zohofs.planner import CHUNK
 
 log = logging.getLogger(__name__)
 
 LAYOUT = "zohofs-cache-2"
 OLD_LAYOUTS = ("zohofs-cache-1",)
-_MAGIC = b"zohofsC2"
-_INDEX_HEADER = struct.Struct("<8s33s")  # magic, version
-_RECORD = struct.Struct("<IQI")  # length (0: none), XXH3-64, last used (seconds)
-CHUNKS, INDEX = ".chunks", ".index"
 # Stop writing when the filesystem holding the cache has less free than this share of
 # its size, or 1 GiB on a big one: other programs need the room more than a cache does.
 FREE_SHARE = 0.05
@@ -65,8 +65,6 @@ FREE_MARGIN = 1 << 30
 OPEN_VERSIONS = 32
 # Chunks remembered as having had their time renewed this mount (a record write a run).
 USED_KEPT = 100_000
-# fallocate(2): give the blocks of a range back, keep the file's size.
-_PUNCH_HOLE = 0x02 | 0x01
 
 
 def version_name(path: str, validators: Sequence[object]) -> str:
@@ -75,20 +73,6 @@ def version_name(path: str, validators: Sequence[object]) -> str:
     def digest(text: str) -> str:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
     return f"{digest(path)}-{digest(chr(0).join(str(v) for v in validators))}"
-
-
-class _Files:
-    """A version's two files, open; closed once retired and nobody uses them."""
-
-    def __init__(self, chunks: int, index: int) -> None:
-        self.chunks = chunks
-        self.index = index
-        self.users = 0
-        self.retired = False
-
-    def close(self) -> None:
-        os.close(self.chunks)
-        os.close(self.index)
 
 
 class DiskCache:
@@ -102,7 +86,7 @@ class DiskCache:
         self._lru: collections.OrderedDict[tuple[str, int], tuple[int, int]] = (
             collections.OrderedDict())
         self._held: collections.Counter[str] = collections.Counter()  # chunks a version has
-        self._open: collections.OrderedDict[str, _Files] = collections.OrderedDict()
+        self._open: collections.OrderedDict[str, Files] = collections.OrderedDict()
         self.size = 0
         self.hits = self.dropped = 0
         self._retired: set[str] = set()  # versions whose older siblings are gone
@@ -143,19 +127,19 @@ class DiskCache:
                 if entry.name.endswith(CHUNKS) and not entry.with_suffix(INDEX).exists():
                     entry.unlink(missing_ok=True)  # its index never made: nothing known
                 continue
-            records = _read_index(entry, version) if entry.name.endswith(INDEX) else None
+            records = read_index(entry, version) if entry.name.endswith(INDEX) else None
             if not records or not (self.root / f"{version}{CHUNKS}").exists():
                 # Not ours, not whole, empty, or its chunks gone: nothing in it is known.
                 log.info("disk cache: removing %s (not a cache file of this zohofs)", entry)
                 _remove(entry)
                 (self.root / f"{version}{CHUNKS}").unlink(missing_ok=True)
                 continue
-            for index, (length, digest, used) in records.items():
-                found.append((used, version, index, length, digest))
-        for _, version, index, length, digest in sorted(found):
-            self._lru[(version, index)] = (length, digest)
+            for index, (length, hashed, used) in records.items():
+                found.append((used, version, index, length, hashed))
+        for _, version, index, length, hashed in sorted(found):
+            self._lru[(version, index)] = (length, hashed)
             self._held[version] += 1
-            self.size += length + _RECORD.size
+            self.size += length + RECORD_SIZE
         self._evict(0)
         log.info("disk cache %s: %.1f MB in %d chunks, at most %.1f MB", self.root.parent,
                  self.size / 1e6, len(self._lru), self.capacity / 1e6)
@@ -169,14 +153,14 @@ class DiskCache:
             self._lock_fd = None
 
     @contextlib.contextmanager
-    def _files(self, version: str, create: bool) -> Iterator[_Files | None]:
+    def _files(self, version: str, create: bool) -> Iterator[Files | None]:
         """The version's files, open for this caller (None when they do not exist and
         ``create`` is false). Opened under the lock, as they are removed: a version's
         files are never opened as they go (writes to a removed file would be lost)."""
         with self._lock:
             files = self._open.get(version)
             if files is None:
-                files = self._open_files(version, create)
+                files = Files.open(self.root, version, create)
                 if files is not None:
                     self._open[version] = files
                     self._close_unused(keep=OPEN_VERSIONS)
@@ -193,24 +177,6 @@ class DiskCache:
                 files.users -= 1
                 if files.retired and not files.users:
                     files.close()
-
-    def _open_files(self, version: str, create: bool) -> _Files | None:
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-        try:
-            index = os.open(self.root / f"{version}{INDEX}", flags, 0o600)
-        except FileNotFoundError:
-            return None
-        try:
-            if create and os.fstat(index).st_size == 0:
-                os.pwrite(index, _INDEX_HEADER.pack(_MAGIC, version.encode()), 0)
-            chunks = os.open(self.root / f"{version}{CHUNKS}", flags, 0o600)
-        except FileNotFoundError:  # removed by hand: nothing of it can be read
-            os.close(index)
-            return None
-        except BaseException:
-            os.close(index)
-            raise
-        return _Files(chunks, index)
 
     def _close_unused(self, keep: int) -> None:
         """Close the least recently opened versions' files beyond ``keep`` (with the lock
@@ -250,9 +216,9 @@ class DiskCache:
                 if files is None:  # removed behind zohofs's back: known no more
                     self._drop(keys)
                     return None
-                got = os.preadv(files.chunks, pieces, first * CHUNK)
-                bad = [key for key, piece, (_, digest) in zip(keys, pieces, kept, strict=True)
-                       if _digest(piece) != digest]
+                got = files.read(first, pieces)
+                bad = [key for key, piece, (_, hashed) in zip(keys, pieces, kept, strict=True)
+                       if digest(piece) != hashed]
                 if got == sum(lengths) and not bad:
                     if renew:  # recency survives a restart (renewed once a mount)
                         self._renew(files, keys, kept)
@@ -260,7 +226,7 @@ class DiskCache:
                     return pieces
             log.warning("disk cache: dropping the damaged chunks %s of %s (fetched again)",
                         ", ".join(str(i) for _, i in bad) if bad else "(cut short)",
-                        self.root / f"{version}{CHUNKS}")
+                        files_of(self.root, version)[1])
             self.dropped += len(bad or keys)
             with self._io:
                 self._clear(self._drop(bad or keys))
@@ -268,7 +234,7 @@ class DiskCache:
             log.warning("disk cache: cannot read %s: %s", self.root, exc.strerror or exc)
         return None  # a miss: fetched from the server
 
-    def _renew(self, files: _Files, keys: list[tuple[str, int]],
+    def _renew(self, files: Files, keys: list[tuple[str, int]],
                kept: list[tuple[int, int]]) -> None:
         """Write when these chunks were used, unless a writer or an eviction is at work
         (it might be giving them back: a record written after would bring one back)."""
@@ -282,9 +248,8 @@ class DiskCache:
                     self._used.clear()
                 self._used.update(keys)
             now = int(time.time())
-            records = b"".join(_RECORD.pack(length, digest, now) for length, digest in kept)
             with contextlib.suppress(OSError):  # a read-only disk: still sound
-                os.pwrite(files.index, records, _INDEX_HEADER.size + keys[0][1] * _RECORD.size)
+                files.write_records(keys[0][1], [(length, hashed, now) for length, hashed in kept])
         finally:
             self._io.release()
 
@@ -292,7 +257,7 @@ class DiskCache:
 
     def store(self, version: str, first: int, pieces: Sequence[bytes]) -> None:
         """Keep these chunks on disk (in a worker thread: this writes and checksums)."""
-        size = sum(_RECORD.size + len(p) for p in pieces)
+        size = sum(RECORD_SIZE + len(p) for p in pieces)
         try:
             if not self._room_for(size):
                 return
@@ -310,7 +275,7 @@ class DiskCache:
         # Fetched from the server: what the disk has of them, if anything, was not sound
         # (or is the same bytes, kept twice at once); overwritten below.
         self._drop(keys)
-        digests = [_digest(p) for p in pieces]
+        digests = [digest(p) for p in pieces]
         now = int(time.time())
         try:
             self._evict(size)  # counted from now on (taken back below if this fails)
@@ -318,11 +283,9 @@ class DiskCache:
                 if files is None:
                     raise OSError(errno.ENOENT, "the cache directory is gone")
                 # The records first: cut short after them, the bytes fail their hash.
-                records = b"".join(_RECORD.pack(len(p), digest, now)
-                                   for p, digest in zip(pieces, digests, strict=True))
-                os.pwrite(files.index, records, _INDEX_HEADER.size + first * _RECORD.size)
-                if os.pwritev(files.chunks, pieces, first * CHUNK) != sum(map(len, pieces)):
-                    raise OSError(errno.ENOSPC, "short write")
+                files.write_records(first, [(len(p), hashed, now)
+                                            for p, hashed in zip(pieces, digests, strict=True)])
+                files.write(first, pieces)
         except BaseException:
             with self._lock:
                 self.size -= size
@@ -330,8 +293,8 @@ class DiskCache:
                 self._clear({version: [i for _, i in keys]})
             raise
         with self._lock:
-            for key, piece, digest in zip(keys, pieces, digests, strict=True):
-                self._lru[key] = (len(piece), digest)
+            for key, piece, hashed in zip(keys, pieces, digests, strict=True):
+                self._lru[key] = (len(piece), hashed)
                 self._held[version] += 1
 
     def retire_others(self, version: str) -> bool:
@@ -380,7 +343,7 @@ class DiskCache:
         with self._lock:
             while self._lru and self.size + room > self.capacity:
                 (version, index), (length, _) = self._lru.popitem(last=False)
-                self.size -= length + _RECORD.size
+                self.size -= length + RECORD_SIZE
                 self._held[version] -= 1
                 gone[version].append(index)
             self.size += room
@@ -393,7 +356,7 @@ class DiskCache:
             for key in keys:
                 kept = self._lru.pop(key, None)
                 if kept is not None:
-                    self.size -= kept[0] + _RECORD.size
+                    self.size -= kept[0] + RECORD_SIZE
                     self._held[key[0]] -= 1
                     dropped[key[0]].append(key[1])
         return dropped
@@ -411,10 +374,10 @@ class DiskCache:
             with self._files(version, create=False) as files:
                 if files is None:
                     continue
-                for start, stop in _runs(sorted(indices)):
+                for start, stop in runs(sorted(indices)):
                     # The hole first: killed before the record is cleared, the chunk fails
                     # its hash; the other way round its bytes would stay, counted nowhere.
-                    failed = _punch(files.chunks, start * CHUNK, (stop - start) * CHUNK)
+                    failed = files.punch(start, stop)
                     if failed:
                         punched = False
                         if failed in (errno.EOPNOTSUPP, errno.ENOSYS):
@@ -424,8 +387,7 @@ class DiskCache:
                                         self.root)
                         break
                     with contextlib.suppress(OSError):
-                        os.pwrite(files.index, bytes(_RECORD.size * (stop - start)),
-                                  _INDEX_HEADER.size + start * _RECORD.size)
+                        files.clear_records(start, stop)
             if not punched:
                 self._remove_version(version)
 
@@ -434,65 +396,15 @@ class DiskCache:
         with self._lock:
             if self._held.pop(version, 0) > 0:  # a walk over every chunk: seldom
                 for key in [k for k in self._lru if k[0] == version]:
-                    self.size -= self._lru.pop(key)[0] + _RECORD.size
+                    self.size -= self._lru.pop(key)[0] + RECORD_SIZE
             files = self._open.pop(version, None)
             if files is not None:
                 files.retired = True
                 if not files.users:
                     files.close()
-            for suffix in (INDEX, CHUNKS):  # under the lock: nobody opens them meanwhile
+            for path in files_of(self.root, version):  # under the lock: none opened meanwhile
                 with contextlib.suppress(OSError):  # a read-only disk: nothing to give back
-                    (self.root / f"{version}{suffix}").unlink(missing_ok=True)
-
-
-def _digest(data: bytes | memoryview) -> int:
-    return xxhash.xxh3_64_intdigest(data)
-
-
-def _read_index(path: Path, version: str) -> dict[int, tuple[int, int, int]] | None:
-    """The records of an index file, by chunk (those with bytes); None for a file that
-    is not one of this layout's, for this version."""
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return None
-    if len(data) < _INDEX_HEADER.size:
-        return None
-    magic, name = _INDEX_HEADER.unpack_from(data)
-    if magic != _MAGIC or name.rstrip(b"\0") != version.encode():
-        return None
-    records = {}
-    body = memoryview(data)[_INDEX_HEADER.size:]
-    for index in range(len(body) // _RECORD.size):
-        length, digest, used = _RECORD.unpack_from(body, index * _RECORD.size)
-        if 0 < length <= CHUNK:
-            records[index] = (length, digest, used)
-    return records
-
-
-def _runs(indices: list[int]) -> Iterator[tuple[int, int]]:
-    """Sorted indices as ``[start, stop)`` runs of consecutive ones."""
-    start = prev = indices[0]
-    for i in indices[1:]:
-        if i != prev + 1:
-            yield start, prev + 1
-            start = i
-        prev = i
-    yield start, prev + 1
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = getattr(_libc, "fallocate", None)
-if _fallocate is not None:
-    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def _punch(fd: int, offset: int, length: int) -> int:
-    """Give the blocks of ``[offset, offset+length)`` back to the filesystem: 0, or the
-    error number of why not."""
-    if _fallocate is None:
-        return errno.ENOSYS
-    return 0 if _fallocate(fd, _PUNCH_HOLE, offset, length) == 0 else ctypes.get_errno()
+                    path.unlink(missing_ok=True)
 
 
 def _remove(path: Path) -> None:

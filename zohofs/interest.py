@@ -26,17 +26,17 @@ import bisect
 import logging
 from array import array
 from collections.abc import Callable, Hashable, Iterable
-from typing import TYPE_CHECKING
+from typing import Generic, Protocol, TypeVar
 
 import cachetools
 import trio
 
 from zohofs import zipindex
+from zohofs.answers import RemoteInfo
 from zohofs.errors import BadArchive
-from zohofs.planner import Fence, MiB
-
-if TYPE_CHECKING:
-    from zohofs.blocks import OpenFile
+from zohofs.planner import Fence, MiB, ReadPattern
+from zohofs.tree import Node
+from zohofs.zoho import BackupFile
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,26 @@ LEARNT_DIRECTORY = 8 * MiB
 RUNS_TRIED = 64
 
 
+class Reader(Protocol):
+    """What this module needs of an open handle (blocks.py's ``OpenFile``)."""
+
+    @property
+    def node(self) -> Node: ...
+    @property
+    def file(self) -> BackupFile: ...
+    @property
+    def info(self) -> RemoteInfo: ...
+    @property
+    def pattern(self) -> ReadPattern: ...
+    @property
+    def version(self) -> Hashable: ...
+    @property
+    def own(self) -> bool: ...
+
+
+H = TypeVar("H", bound=Reader)
+
+
 class _NotCached(Exception):
     """The central directory is not all in the cache: learnt at a later run, maybe."""
 
@@ -60,8 +80,8 @@ class _TooBig(Exception):
     """The central directory is bigger than :data:`LEARNT_DIRECTORY`."""
 
 
-class Interest:
-    def __init__(self, cached: Callable[[OpenFile, int, int, bool], bytes | None],
+class Interest(Generic[H]):
+    def __init__(self, cached: Callable[[H, int, int, bool], bytes | None],
                  nursery: Callable[[], trio.Nursery | None]) -> None:
         """``cached(handle, offset, length, end_only)`` gives bytes of the handle's file
         from the cache alone (None when some are not there; with ``end_only``, the longest
@@ -76,7 +96,7 @@ class Interest:
         # the cache: a run tries once, whoever else reads.
         self._tried: cachetools.LRUCache[Hashable, bool] = cachetools.LRUCache(RUNS_TRIED)
 
-    def fence(self, handle: OpenFile, readers: Iterable[OpenFile]) -> Fence:
+    def fence(self, handle: H, readers: Iterable[H]) -> Fence:
         """Where fetching ahead of ``handle``'s run stops (see the module's doc), given
         the run's start and where its last read ended; ``readers`` are the open handles."""
 
@@ -92,7 +112,7 @@ class Interest:
 
         return fence
 
-    def _member_end(self, handle: OpenFile, run_start: int, end: int) -> int | None:
+    def _member_end(self, handle: H, run_start: int, end: int) -> int | None:
         """Where fetching ahead of a run extracting a member stops (None for a run that
         extracts none); the boundaries learnt in the background if the archive's are not
         known yet (tried again at the next run, not at each read, when the cache did not
@@ -116,7 +136,7 @@ class Interest:
         i = bisect.bisect_left(bounds, end - MEMBER_SLACK)
         return max(bounds[i] if i < len(bounds) else end, end) + MEMBER_SLACK
 
-    async def _learn(self, key: Hashable, handle: OpenFile) -> None:
+    async def _learn(self, key: Hashable, handle: H) -> None:
         size = handle.info.size
         short = False
 
