@@ -243,10 +243,12 @@ def test_a_mount_killed_mid_copy_leaves_only_sound_chunks(
     data = random.Random(99).randbytes(64 * MiB)
     emulator.add_file(backup.zgid, backup.job_id, name, data)
     first = mount("--cache-dir", str(cache), name="killed")
+    emulator.rate = 5_000_000  # a connection: the copy takes seconds, the kill lands in it
     copy = subprocess.Popen(["cat", str(first.path / JOB / name)], stdout=subprocess.DEVNULL)
     wait_for(lambda: cached_bytes(cache) > 8 * MiB, 30, "chunks being written")
     first.kill()  # SIGKILL, then the dead mount point unmounted
     copy.wait(30)
+    emulator.rate = None
     fetched = len(data_gets(emulator, name))
     again = mount("--cache-dir", str(cache), name="again")
     again.expect_log("disk cache: dropping the damaged chunks")  # if the kill cut one
