@@ -20,7 +20,7 @@ from tests.conftest import MiB, MountFactory, run_zohofs
 from tests.helpers import Mount, data_gets, sha256, wait_for
 from zohofs import chunkfiles
 from zohofs.diskcache import LAYOUT, OLD_LAYOUTS, DiskCache
-from zohofs.emulator.backup import Backup
+from zohofs.emulator.backup import Backup, generate
 from zohofs.emulator.server import Emulator
 from zohofs.planner import CHUNK
 
@@ -297,3 +297,17 @@ def test_evicted_chunks_give_their_room_back(
         assert loaded(reopened, "b-1", 4, 4) == chunks["b-1"][4:]
     finally:
         reopened.close()
+
+
+def test_a_backup_no_longer_listed_leaves_the_disk(
+        oauth_mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path) -> None:
+    # Zoho keeps one backup: once a new one is listed, the old one's chunks are of no use.
+    cache = tmp_path / "cache"
+    m = oauth_mount("--cache-dir", str(cache), "--listing-interval", "0.5")
+    assert copy_through(m) == backup.files[NAME]
+    wait_for(lambda: written(cache, len(backup.files[NAME])), 20, "the chunks on disk")
+    [old] = chunk_files(cache)
+    emulator.add_backup(generate(seed=9, size=2 * MiB, job_id="4876876000001777001"))
+    wait_for(lambda: not old.exists(), 20, "the old backup's chunks gone")
+    assert not old.with_suffix(".index").exists()
+    assert "removed 1 versions of files no longer listed" in m.log

@@ -14,6 +14,7 @@ import trio
 
 from zohofs.auth import OAuthTokens
 from zohofs.config import Account
+from zohofs.diskcache import DiskCache
 from zohofs.errors import DiscoveryError, ZohofsError
 from zohofs.hosts import DATA_CENTRES, HostPolicy
 from zohofs.probes import Prober
@@ -39,8 +40,9 @@ class Catalog:
                  sources: Sequence[AccountSource], static: Sequence[BackupFile], *,
                  api_version: int, interval: float, trusted: frozenset[str],
                  on_demand_every: float = 60.0, deadline: float = 60.0,
-                 probe_wait: float = math.inf) -> None:
+                 probe_wait: float = math.inf, disk: DiskCache | None = None) -> None:
         self._tree = tree
+        self._disk = disk  # what it keeps of files no longer listed goes
         # The sizes of new files are probed at once; a listing waits ``probe_wait`` for
         # them at most (those not done then are probed on access): a silent download host
         # must not hold up the mount's start, nor lookups of new names.
@@ -81,6 +83,9 @@ class Catalog:
                 await self._prober.probe_all(added)
             if not errors:
                 self._next = started + self._interval
+                if self._disk is not None:  # a whole listing: the rest is not Zoho's now
+                    await trio.to_thread.run_sync(self._disk.keep_only,
+                                                  {f.path for f in files})
             return errors
 
     async def _list_one(self, source: AccountSource, errors: list[ZohofsError]) -> None:

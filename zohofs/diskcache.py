@@ -38,7 +38,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from zohofs.chunkfiles import (
@@ -70,9 +70,11 @@ USED_KEPT = 100_000
 def version_name(path: str, validators: Sequence[object]) -> str:
     """The file name of one version of one file: a digest of its path, then one of its
     validators (the versions of one file share the first half)."""
-    def digest(text: str) -> str:
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-    return f"{digest(path)}-{digest(chr(0).join(str(v) for v in validators))}"
+    return f"{_name_digest(path)}-{_name_digest(chr(0).join(str(v) for v in validators))}"
+
+
+def _name_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class DiskCache:
@@ -315,6 +317,23 @@ class DiskCache:
             for other in others - {version}:
                 self._remove_version(other)
         return True
+
+    def keep_only(self, paths: Iterable[str]) -> None:
+        """Remove the versions of every file but ``paths`` (a whole listing of what is to
+        be read: backups that left it expired on Zoho's side). In a worker thread."""
+        wanted = {_name_digest(path) for path in paths}
+        try:
+            gone = {entry.name.removesuffix(INDEX) for entry in self.root.iterdir()
+                    if entry.name.endswith(INDEX)
+                    and entry.name.split("-")[0] not in wanted}
+        except OSError as exc:
+            log.warning("disk cache: cannot read %s: %s", self.root, exc.strerror or exc)
+            return
+        if gone:
+            with self._io:
+                for version in gone:
+                    self._remove_version(version)
+            log.info("disk cache: removed %d versions of files no longer listed", len(gone))
 
     def _room_for(self, size: int) -> bool:
         """Whether ``size`` more bytes, besides those other writers are writing, leave the

@@ -100,7 +100,8 @@ async def open_runtime(config: Config, kernel: KernelCache | None = None,
                               api_version=config.api_version,
                               interval=config.listing_interval, trusted=config.trust_hosts,
                               on_demand_every=config.lookup_refresh_interval,
-                              deadline=config.read_timeout, probe_wait=probe_wait)
+                              deadline=config.read_timeout, probe_wait=probe_wait,
+                              disk=disk)
             fs = ZohoFS(reader, tokens, cache_size=config.cache_size,
                         max_request=config.block_size,
                         max_ahead=config.block_size * config.readahead_blocks,
