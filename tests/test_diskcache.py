@@ -301,13 +301,26 @@ def test_evicted_chunks_give_their_room_back(
 
 def test_a_backup_no_longer_listed_leaves_the_disk(
         oauth_mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path) -> None:
-    # Zoho keeps one backup: once a new one is listed, the old one's chunks are of no use.
+    # Zoho keeps one backup: once a newer one replaced it, the old one's chunks are of no
+    # use, but not while a file of it is still open (it reads on while its link lasts).
     cache = tmp_path / "cache"
     m = oauth_mount("--cache-dir", str(cache), "--listing-interval", "0.5")
     assert copy_through(m) == backup.files[NAME]
     wait_for(lambda: written(cache, len(backup.files[NAME])), 20, "the chunks on disk")
     [old] = chunk_files(cache)
-    emulator.add_backup(generate(seed=9, size=2 * MiB, job_id="4876876000001777001"))
+
+    def listings() -> int:
+        return sum(p.endswith("/backup/urls") for p in emulator.arrived)
+
+    with open(m.path / JOB / NAME, "rb") as still_open:
+        emulator.add_backup(generate(seed=9, size=2 * MiB, job_id="4876876000001777001"))
+        wait_for(lambda: "4876876000001777001" in os.listdir(m.path / JOB.split("/")[0]),
+                 20, "the new backup listed")
+        seen = listings()
+        wait_for(lambda: listings() >= seen + 2, 20, "two more listings")
+        assert old.exists()  # open: kept
+        assert still_open.read() == backup.files[NAME]
     wait_for(lambda: not old.exists(), 20, "the old backup's chunks gone")
     assert not old.with_suffix(".index").exists()
-    assert "removed 1 versions of files no longer listed" in m.log
+    assert "removed the chunks of 1 replaced backup files" in m.log
+    assert m.stop() == 0  # before the emulator goes: it lists twice a second

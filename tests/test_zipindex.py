@@ -256,8 +256,10 @@ def test_a_big_folder_is_sorted_a_step_at_a_time(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(contents_module, "SORT_STEP", 7)
     rng = random.Random(4)
     names = list({rng.randbytes(6).hex() + rng.choice(["", ".txt", " é"]) for _ in range(1000)})
-    contents = Contents([(f"d/{n}", 0, 1, 1, 0, i, 0.0, False, 0o444)
-                         for i, n in enumerate(names)])
+    # Some of them folders (their entries are ids of another kind), the rest members.
+    paths = [f"d/{n}/x" if i % 5 == 0 else f"d/{n}" for i, n in enumerate(names)]
+    contents = Contents([(p, 0, 1, 1, 0, i, 0.0, False, 0o444) for i, p in enumerate(paths)])
     folder = contents.folder("d")
     assert folder is not None
     assert [contents.name(e) for e in folder.entries] == sorted(names)
+    assert sum(e < 0 for e in folder.entries) == folder.subfolders == 200

@@ -126,6 +126,10 @@ class BlockReader:
         self._open.add(handle)
         return handle
 
+    def open_files(self) -> set[str]:
+        """The paths of the files open now (an expanded member's archive included)."""
+        return {h.file.path for h in self._open}
+
     def release(self, handle: OpenFile) -> None:
         if handle not in self._open:
             return

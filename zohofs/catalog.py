@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -42,7 +42,14 @@ class Catalog:
                  on_demand_every: float = 60.0, deadline: float = 60.0,
                  probe_wait: float = math.inf, disk: DiskCache | None = None) -> None:
         self._tree = tree
-        self._disk = disk  # what it keeps of files no longer listed goes
+        self._disk = disk
+        # Paths (and their orgs) of the last whole listing, and files of it that another
+        # backup of their org replaced since: what the disk cache keeps of them goes.
+        self._listed: dict[str, str] | None = None
+        self._replaced: set[str] = set()
+        # The paths that open handles read (set by the runtime): those are kept until
+        # closed, they may still be read from the disk cache.
+        self.in_use: Callable[[], Collection[str]] = frozenset
         # The sizes of new files are probed at once; a listing waits ``probe_wait`` for
         # them at most (those not done then are probed on access): a silent download host
         # must not hold up the mount's start, nor lookups of new names.
@@ -83,10 +90,28 @@ class Catalog:
                 await self._prober.probe_all(added)
             if not errors:
                 self._next = started + self._interval
-                if self._disk is not None:  # a whole listing: the rest is not Zoho's now
-                    await trio.to_thread.run_sync(self._disk.keep_only,
-                                                  {f.path for f in files})
+                self._note_replaced(files)
             return errors
+
+    def _note_replaced(self, files: Sequence[BackupFile]) -> None:
+        """From a whole listing, the files that left it while their org stayed: Zoho
+        replaced that backup with a newer one (an org that vanished altogether, or an
+        empty answer, retires nothing: it may be a passing fault)."""
+        listed = {f.path: f.zgid for f in files}
+        if self._listed is not None:
+            orgs = set(listed.values())
+            self._replaced |= {path for path, zgid in self._listed.items()
+                               if path not in listed and zgid in orgs}
+        self._listed = listed
+
+    async def _forget_replaced(self) -> None:
+        """What the disk cache keeps of replaced backups goes, but what is open."""
+        if self._disk is None or not self._replaced:
+            return
+        in_use = set(self.in_use())
+        gone, self._replaced = self._replaced - in_use, self._replaced & in_use
+        if gone:
+            await trio.to_thread.run_sync(self._disk.forget_files, gone)
 
     async def _list_one(self, source: AccountSource, errors: list[ZohofsError]) -> None:
         account = source.account
@@ -135,5 +160,6 @@ class Catalog:
             if trio.current_time() >= self._next:  # an on-demand listing may have moved it
                 try:
                     await self.refresh()
+                    await self._forget_replaced()  # not under the lock: lookups go on
                 except Exception:  # in the top-level nursery: must never end the mount
                     log.exception("unexpected error while refreshing the backup list")

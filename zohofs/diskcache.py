@@ -5,18 +5,11 @@ Layout: ``DIR/zohofs-cache-2/<version>.chunks`` and ``<version>.index`` for each
 of each file (chunkfiles.py), where ``version`` is a digest of the file's path and
 validators (a new version never meets an old one's chunks). The index keeps each chunk's
 length, an XXH3 hash of its bytes, and when it was last used (for the least-recently-used
-order across restarts). A record is
-written before its bytes: a mount killed in between, a short write on a full disk, a bit
-flipped on the disk all leave a chunk whose bytes do not match its hash, which is a miss
-(dropped, said in the log, fetched again), never data.
-
-One file pair per version rather than a file per chunk: a run of up to 64 chunks is
-written with two calls and read with one, where files of their own cost four calls and a
-turn of Python's lock each (reading from disk ran at 0.4-0.5 GB/s that way). XXH3-64
-rather than a cryptographic digest: it guards against the disk, not an attacker (who can
-write the 0700 directory can write anything); 64 bits leave damage unnoticed once in
-2^64; and it hashes 30 GB/s here, where CRC-32 does 3.4 and SHA-256 1.5, which a read
-from disk paid per byte (CRC-32 took most of the re-read's time).
+order across restarts). A record is written before its bytes: a mount killed in between,
+a short write on a full disk, a bit flipped on the disk all leave a chunk whose bytes do
+not match its hash, which is a miss (dropped, said in the log, fetched again), never
+data. The chunks of a backup Zoho replaced go at the next listing, once none of its files
+is open.
 
 One mount uses a directory at a time (a lock file); the least recently used chunks go
 first when the directory would outgrow its size (their room is given back to the
@@ -38,7 +31,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from zohofs.chunkfiles import (
@@ -46,9 +39,12 @@ from zohofs.chunkfiles import (
     INDEX,
     RECORD_SIZE,
     Files,
+    OpenFiles,
     digest,
     files_of,
     read_index,
+    remove,
+    remove_old_layouts,
     runs,
 )
 from zohofs.errors import ConfigError
@@ -88,7 +84,9 @@ class DiskCache:
         self._lru: collections.OrderedDict[tuple[str, int], tuple[int, int]] = (
             collections.OrderedDict())
         self._held: collections.Counter[str] = collections.Counter()  # chunks a version has
-        self._open: collections.OrderedDict[str, Files] = collections.OrderedDict()
+        # The versions' files kept open, under the same lock: a version's files are never
+        # opened as they are removed (writes to a removed file would be lost).
+        self._files = OpenFiles(self.root, self._lock, OPEN_VERSIONS)
         self.size = 0
         self.hits = self.dropped = 0
         self._retired: set[str] = set()  # versions whose older siblings are gone
@@ -119,7 +117,7 @@ class DiskCache:
             raise ConfigError(f"the cache directory {self.root.parent} is in use by another "
                               "zohofs mount: give each mount a directory of its own") from None
         self._lock_fd = fd
-        _remove_old_layouts(self.root.parent)
+        remove_old_layouts(self.root.parent, OLD_LAYOUTS)
         if self._margin is None:
             self._margin = min(FREE_MARGIN, int(shutil.disk_usage(self.root).total * FREE_SHARE))
         found = []
@@ -133,7 +131,7 @@ class DiskCache:
             if not records or not (self.root / f"{version}{CHUNKS}").exists():
                 # Not ours, not whole, empty, or its chunks gone: nothing in it is known.
                 log.info("disk cache: removing %s (not a cache file of this zohofs)", entry)
-                _remove(entry)
+                remove(entry)
                 (self.root / f"{version}{CHUNKS}").unlink(missing_ok=True)
                 continue
             for index, (length, hashed, used) in records.items():
@@ -148,46 +146,10 @@ class DiskCache:
 
     def close(self) -> None:
         """At the mount's end, when no worker thread is left."""
-        with self._lock:
-            self._close_unused(keep=0)
+        self._files.close_all()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-
-    @contextlib.contextmanager
-    def _files(self, version: str, create: bool) -> Iterator[Files | None]:
-        """The version's files, open for this caller (None when they do not exist and
-        ``create`` is false). Opened under the lock, as they are removed: a version's
-        files are never opened as they go (writes to a removed file would be lost)."""
-        with self._lock:
-            files = self._open.get(version)
-            if files is None:
-                files = Files.open(self.root, version, create)
-                if files is not None:
-                    self._open[version] = files
-                    self._close_unused(keep=OPEN_VERSIONS)
-            if files is not None:
-                self._open.move_to_end(version)
-                files.users += 1
-        if files is None:
-            yield None
-            return
-        try:
-            yield files
-        finally:
-            with self._lock:
-                files.users -= 1
-                if files.retired and not files.users:
-                    files.close()
-
-    def _close_unused(self, keep: int) -> None:
-        """Close the least recently opened versions' files beyond ``keep`` (with the lock
-        held; those in use are closed by their last user)."""
-        while len(self._open) > keep:
-            _, files = self._open.popitem(last=False)
-            files.retired = True
-            if not files.users:
-                files.close()
 
     # -- reading (worker threads) ---------------------------------------------------------
 
@@ -214,7 +176,7 @@ class DiskCache:
             renew = any(key not in self._used for key in keys)
         pieces = [memoryview(buffer(length))[:length] for length in lengths]
         try:
-            with self._files(version, create=False) as files:
+            with self._files.use(version, create=False) as files:
                 if files is None:  # removed behind zohofs's back: known no more
                     self._drop(keys)
                     return None
@@ -281,7 +243,7 @@ class DiskCache:
         now = int(time.time())
         try:
             self._evict(size)  # counted from now on (taken back below if this fails)
-            with self._files(version, create=True) as files:
+            with self._files.use(version, create=True) as files:
                 if files is None:
                     raise OSError(errno.ENOENT, "the cache directory is gone")
                 # The records first: cut short after them, the bytes fail their hash.
@@ -299,41 +261,35 @@ class DiskCache:
                 self._lru[key] = (len(piece), hashed)
                 self._held[version] += 1
 
-    def retire_others(self, version: str) -> bool:
+    def retire_others(self, version: str) -> None:
         """Remove the chunks of the other versions of ``version``'s file: a file that
-        changed on the server is never read as it was again. True the first time for a
-        version (the caller runs it in a worker thread then)."""
-        if version in self._retired:
-            return False
-        self._retired.add(version)
-        prefix = version.split("-")[0] + "-"
-        try:
-            others = {entry.name.removesuffix(INDEX) for entry in self.root.iterdir()
-                      if entry.name.startswith(prefix) and entry.name.endswith(INDEX)}
-        except OSError as exc:  # in the mount's top-level nursery: must never end it
-            log.warning("disk cache: cannot read %s: %s", self.root, exc.strerror or exc)
-            return True
-        with self._io:
-            for other in others - {version}:
-                self._remove_version(other)
-        return True
+        changed on the server is never read as it was again (once a mount for a version:
+        the caller runs it in a worker thread)."""
+        if version not in self._retired:
+            self._retired.add(version)
+            self._remove_versions({version.split("-")[0]}, keep=version)
 
-    def keep_only(self, paths: Iterable[str]) -> None:
-        """Remove the versions of every file but ``paths`` (a whole listing of what is to
-        be read: backups that left it expired on Zoho's side). In a worker thread."""
-        wanted = {_name_digest(path) for path in paths}
+    def forget_files(self, paths: Iterable[str]) -> None:
+        """Remove every version of these files (backups Zoho replaced). In a worker
+        thread."""
+        gone = self._remove_versions({_name_digest(path) for path in paths})
+        if gone:
+            log.info("disk cache: removed the chunks of %d replaced backup files", gone)
+
+    def _remove_versions(self, files: set[str], keep: str = "") -> int:
+        """Remove the versions of the files whose digests are ``files`` (but ``keep``):
+        how many there were. Never raises: it runs in the mount's top-level nursery."""
         try:
-            gone = {entry.name.removesuffix(INDEX) for entry in self.root.iterdir()
-                    if entry.name.endswith(INDEX)
-                    and entry.name.split("-")[0] not in wanted}
+            versions = {entry.name.removesuffix(INDEX) for entry in self.root.iterdir()
+                        if entry.name.endswith(INDEX) and entry.name.split("-")[0] in files}
         except OSError as exc:
             log.warning("disk cache: cannot read %s: %s", self.root, exc.strerror or exc)
-            return
-        if gone:
-            with self._io:
-                for version in gone:
-                    self._remove_version(version)
-            log.info("disk cache: removed %d versions of files no longer listed", len(gone))
+            return 0
+        versions.discard(keep)
+        with self._io:
+            for version in versions:
+                self._remove_version(version)
+        return len(versions)
 
     def _room_for(self, size: int) -> bool:
         """Whether ``size`` more bytes, besides those other writers are writing, leave the
@@ -390,7 +346,7 @@ class DiskCache:
                 self._remove_version(version)
                 continue
             punched = True
-            with self._files(version, create=False) as files:
+            with self._files.use(version, create=False) as files:
                 if files is None:
                     continue
                 for start, stop in runs(sorted(indices)):
@@ -416,39 +372,10 @@ class DiskCache:
             if self._held.pop(version, 0) > 0:  # a walk over every chunk: seldom
                 for key in [k for k in self._lru if k[0] == version]:
                     self.size -= self._lru.pop(key)[0] + RECORD_SIZE
-            files = self._open.pop(version, None)
-            if files is not None:
-                files.retired = True
-                if not files.users:
-                    files.close()
+            self._files.forget(version)
             for path in files_of(self.root, version):  # under the lock: none opened meanwhile
                 with contextlib.suppress(OSError):  # a read-only disk: nothing to give back
                     path.unlink(missing_ok=True)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _remove_old_layouts(directory: Path) -> None:
-    """What an older zohofs kept there, unless a mount of one uses it still."""
-    for name in OLD_LAYOUTS:
-        old = directory / name
-        try:
-            fd = os.open(old / "lock", os.O_RDWR | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            shutil.rmtree(old, ignore_errors=True)
-        except BlockingIOError:
-            continue
-        finally:
-            os.close(fd)
-        log.info("disk cache: removed %s, kept by an older zohofs in another layout", old)
 
 
 def clear(directory: Path) -> int:
@@ -462,7 +389,7 @@ def clear(directory: Path) -> int:
         freed = cache.size
         for entry in root.iterdir():
             if entry.name != "lock":
-                _remove(entry)
+                remove(entry)
         return freed
     finally:
         cache.close()

@@ -71,10 +71,11 @@ def _arranged(found: list[zipindex.Fields]) -> Contents:
     """The members as contents, in a worker thread; the parse's tuples freed there too,
     a step at a time (freeing half a million at once is one call that holds Python's lock,
     and the event loop, for 0.02 to 0.1 s)."""
-    contents = Contents(found)
-    while found:
-        del found[-FREE_STEP:]
-    return contents
+    try:
+        return Contents(found)
+    finally:
+        while found:
+            del found[-FREE_STEP:]
 
 
 class Expander:

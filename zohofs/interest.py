@@ -26,17 +26,20 @@ import bisect
 import logging
 from array import array
 from collections.abc import Callable, Hashable, Iterable
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import cachetools
 import trio
 
 from zohofs import zipindex
-from zohofs.answers import RemoteInfo
 from zohofs.errors import BadArchive
-from zohofs.planner import Fence, MiB, ReadPattern
-from zohofs.tree import Node
-from zohofs.zoho import BackupFile
+from zohofs.planner import Fence, MiB
+
+if TYPE_CHECKING:  # for the Protocol only
+    from zohofs.answers import RemoteInfo
+    from zohofs.planner import ReadPattern
+    from zohofs.tree import Node
+    from zohofs.zoho import BackupFile
 
 log = logging.getLogger(__name__)
 

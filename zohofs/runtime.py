@@ -108,6 +108,7 @@ async def open_runtime(config: Config, kernel: KernelCache | None = None,
                         access=config.access, read_deadline=config.read_timeout,
                         kernel=kernel, tree=tree, prober=prober,
                         on_miss=catalog.refresh_for, disk=disk)
+            catalog.in_use = fs.blocks.open_files
             yield Runtime(fs, catalog, sources)
         finally:
             transport.close()
