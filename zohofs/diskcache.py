@@ -83,7 +83,9 @@ class DiskCache:
         # Chunks kept, least recently used first: (version, index) -> (length, hash).
         self._lru: collections.OrderedDict[tuple[str, int], tuple[int, int]] = (
             collections.OrderedDict())
-        self._held: collections.Counter[str] = collections.Counter()  # chunks a version has
+        # The chunks each version has (in _lru): a version's go without a walk over all.
+        self._indices: collections.defaultdict[str, set[int]] = (
+            collections.defaultdict(set))
         # The versions' files kept open, under the same lock: a version's files are never
         # opened as they are removed (writes to a removed file would be lost).
         self._files = OpenFiles(self.root, self._lock, OPEN_VERSIONS)
@@ -138,7 +140,7 @@ class DiskCache:
                 found.append((used, version, index, length, hashed))
         for _, version, index, length, hashed in sorted(found):
             self._lru[(version, index)] = (length, hashed)
-            self._held[version] += 1
+            self._indices[version].add(index)
             self.size += length + RECORD_SIZE
         self._evict(0)
         log.info("disk cache %s: %.1f MB in %d chunks, at most %.1f MB", self.root.parent,
@@ -259,7 +261,7 @@ class DiskCache:
         with self._lock:
             for key, piece, hashed in zip(keys, pieces, digests, strict=True):
                 self._lru[key] = (len(piece), hashed)
-                self._held[version] += 1
+                self._indices[version].add(key[1])
 
     def retire_others(self, version: str) -> None:
         """Remove the chunks of the other versions of ``version``'s file: a file that
@@ -319,7 +321,7 @@ class DiskCache:
             while self._lru and self.size + room > self.capacity:
                 (version, index), (length, _) = self._lru.popitem(last=False)
                 self.size -= length + RECORD_SIZE
-                self._held[version] -= 1
+                self._indices[version].discard(index)
                 gone[version].append(index)
             self.size += room
         self._clear(gone)
@@ -332,7 +334,7 @@ class DiskCache:
                 kept = self._lru.pop(key, None)
                 if kept is not None:
                     self.size -= kept[0] + RECORD_SIZE
-                    self._held[key[0]] -= 1
+                    self._indices[key[0]].discard(key[1])
                     dropped[key[0]].append(key[1])
         return dropped
 
@@ -341,7 +343,7 @@ class DiskCache:
         version with no chunk left goes whole."""
         for version, indices in chunks.items():
             with self._lock:
-                empty = self._held[version] <= 0
+                empty = not self._indices.get(version)
             if empty or not self._can_punch:
                 self._remove_version(version)
                 continue
@@ -369,9 +371,10 @@ class DiskCache:
     def _remove_version(self, version: str) -> None:
         """Every chunk of ``version`` gone, and its files."""
         with self._lock:
-            if self._held.pop(version, 0) > 0:  # a walk over every chunk: seldom
-                for key in [k for k in self._lru if k[0] == version]:
-                    self.size -= self._lru.pop(key)[0] + RECORD_SIZE
+            for index in self._indices.pop(version, ()):
+                kept = self._lru.pop((version, index), None)
+                if kept is not None:
+                    self.size -= kept[0] + RECORD_SIZE
             self._files.forget(version)
             for path in files_of(self.root, version):  # under the lock: none opened meanwhile
                 with contextlib.suppress(OSError):  # a read-only disk: nothing to give back
