@@ -100,17 +100,22 @@ def test_unzip_lists_and_extracts_one_member_for_little(
     assert fetched(ranges) <= compressed + 2 * MiB, (compressed, ranges)
 
 
+def stored_zip(seed: int, sizes: list[int]) -> tuple[bytes, dict[str, zipfile.ZipInfo]]:
+    """A zip of stored members ``Attachments/0.bin``… of these sizes, and where each is."""
+    rng = random.Random(seed)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        for i, size in enumerate(sizes):
+            z.writestr(f"Attachments/{i}.bin", rng.randbytes(size))
+        infos = {info.filename: info for info in z.infolist()}
+    return buffer.getvalue(), infos
+
+
 def test_an_archive_tool_extracting_one_member_fetches_little_past_it(
         mount: MountFactory, emulator: Emulator, backup: Backup) -> None:
     # A stored member of 16 MiB amid others: a reader's window grows to 32 MiB with the
     # default blocks, and ran on past the member (28 MB fetched past it before).
-    rng = random.Random(9)
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as z:
-        for i in range(4):
-            z.writestr(f"Attachments/{i}.bin", rng.randbytes(16 * MiB))
-        info = z.getinfo("Attachments/1.bin")
-    archive = buffer.getvalue()
+    archive, infos = stored_zip(9, [16 * MiB] * 4)
     rel = add(emulator, backup, "Data_003.zip", archive)
     m = mount("--block-size", "8M")
     subprocess.run(["unzip", "-l", str(m.path / rel)], stdout=subprocess.DEVNULL, check=True)
@@ -120,7 +125,7 @@ def test_an_archive_tool_extracting_one_member_fetches_little_past_it(
     with zipfile.ZipFile(io.BytesIO(archive)) as z:
         assert member.stdout == z.read("Attachments/1.bin")
     ranges = data_gets(emulator, "Data_003.zip")[before:]
-    assert fetched(ranges) <= info.compress_size + 4 * MiB, spans(ranges)
+    assert fetched(ranges) <= infos["Attachments/1.bin"].compress_size + 4 * MiB, spans(ranges)
 
 
 def test_readers_that_share_a_file_out_fetch_each_byte_once(
@@ -145,14 +150,8 @@ def test_a_copy_of_part_of_a_zip_is_fetched_ahead_of_as_any(
     # A parallel or resumed copy reads from the middle of a zip whose central directory
     # the cache holds: it extracts no member, and its window must not stop at each of
     # the small members it crosses (a GET per chunk then).
-    rng = random.Random(11)
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as z:
-        for i in range(400):
-            z.writestr(f"Attachments/{i}.bin", rng.randbytes(100_000 + i))
-        # Inside a member, past its header: no extraction.
-        start = z.getinfo("Attachments/100.bin").header_offset + 1000
-    archive = buffer.getvalue()
+    archive, infos = stored_zip(11, [100_000 + i for i in range(400)])
+    start = infos["Attachments/100.bin"].header_offset + 1000  # past its header: no extraction
     rel = add(emulator, backup, "Data_003.zip", archive)
     m = mount("--block-size", "8M")
     subprocess.run(["unzip", "-l", str(m.path / rel)], stdout=subprocess.DEVNULL, check=True)

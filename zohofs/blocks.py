@@ -34,8 +34,7 @@ from zohofs.zoho import BackupFile
 
 log = logging.getLogger(__name__)
 
-# Buffers of evicted chunks kept for the next ones (16 MiB): a copy recycles them as fast
-# as it reads.
+# Buffers of evicted chunks kept for the next ones (16 MiB), recycled as a copy reads.
 BUFFERS_KEPT = 128
 # Bytes fetched and copied for the disk cache that it has not written yet: past this,
 # what is fetched ahead waits, and what a read waits for is not kept (a disk slower than
@@ -62,8 +61,7 @@ class OpenFile:
     # The version's name in the disk cache; None without one, or without validators
     # (nothing would prove that a later mount reads the same bytes).
     on_disk: str | None = None
-    # zohofs's own reads of an archive (--expand: its index, its members): they know
-    # where they stop, and no member boundaries need learning for them (interest.py).
+    # zohofs's own reads of an archive (--expand): no member boundaries to learn for them.
     own: bool = False
 
 
@@ -88,9 +86,8 @@ class BlockReader:
         self._disk_caught_up = trio.Event()  # set (and replaced) as each write ends
         self.read_deadline = read_deadline
         self.stats = remote.stats
-        # Up to half the cache may hold chunks fetched ahead of readers (never evicted
-        # before they are read); what was read fills the rest, and all of it when nothing
-        # is being fetched ahead.
+        # Up to half the cache holds chunks fetched ahead and not yet read (never evicted);
+        # what was read fills the rest, and all of it when nothing is fetched ahead.
         self._budget = PrefetchBudget(cache_size // 2)
         self._buffers = BufferPool(CHUNK, limit=BUFFERS_KEPT)
         # Chunks on their way count too: the cache's memory stays within its size.
@@ -102,7 +99,8 @@ class BlockReader:
         self._open: set[OpenFile] = set()
         self._opens = itertools.count(1)
         self._nursery: trio.Nursery | None = None
-        self._interest: Interest[OpenFile] = Interest(self._cached, lambda: self._nursery)
+        self._interest: Interest[OpenFile] = Interest(
+            lambda handle, i: self.cache.peek(self._key(handle, i)), lambda: self._nursery)
 
     def start(self, nursery: trio.Nursery) -> None:
         """Give the reader a place to run background prefetches."""
@@ -177,25 +175,6 @@ class BlockReader:
                     raise
             pieces = [await self._chunk(handle, i) for i in wanted]
         return slice_chunks(pieces, wanted.start, offset, end)
-
-    def _cached(self, handle: OpenFile, offset: int, length: int,
-                end_only: bool = False) -> bytes | None:
-        """Bytes of the handle's file from the cache alone; None if some are not there
-        (with ``end_only``, the longest end of the range that is, None if nothing is)."""
-        end = min(offset + length, handle.info.size)
-        wanted = chunk_range(offset, end)
-        pieces: list[memoryview] = []
-        for i in reversed(wanted):
-            data = self.cache.peek(self._key(handle, i))
-            if data is None:
-                if end_only and pieces:
-                    break
-                return None
-            pieces.append(data)
-        if not pieces:
-            return b""
-        first = wanted.stop - len(pieces)
-        return b"".join(slice_chunks(pieces[::-1], first, max(offset, first * CHUNK), end))
 
     def _key(self, handle: OpenFile, index: int) -> Hashable:
         # The version is part of the key: bytes of two versions of a file never mix.
@@ -320,8 +299,7 @@ class BlockReader:
                 return kept
         pieces = await self._fetch(handle, start, length)
         if ahead:
-            # What is fetched ahead waits for the disk to catch up: the reader goes no
-            # faster than the disk keeps what it read, and all of it is kept.
+            # Fetching ahead waits for the disk to catch up: every chunk read is kept.
             while not self._disk_room(length):
                 await self._disk_caught_up.wait()
         if self._nursery is not None and self._disk_room(length):

@@ -33,7 +33,7 @@ import trio
 
 from zohofs import zipindex
 from zohofs.errors import BadArchive
-from zohofs.planner import Fence, MiB
+from zohofs.planner import CHUNK, Fence, MiB, chunk_range, slice_chunks
 
 if TYPE_CHECKING:  # for the Protocol only
     from zohofs.answers import RemoteInfo
@@ -84,13 +84,11 @@ class _TooBig(Exception):
 
 
 class Interest(Generic[H]):
-    def __init__(self, cached: Callable[[H, int, int, bool], bytes | None],
+    def __init__(self, peek: Callable[[H, int], memoryview | None],
                  nursery: Callable[[], trio.Nursery | None]) -> None:
-        """``cached(handle, offset, length, end_only)`` gives bytes of the handle's file
-        from the cache alone (None when some are not there; with ``end_only``, the longest
-        end of the range that is there); ``nursery()`` is where to learn in the
-        background."""
-        self._cached = cached
+        """``peek(handle, index)`` gives chunk ``index`` of the handle's file if the
+        memory cache holds it; ``nursery()`` is where to learn in the background."""
+        self._peek = peek
         self._nursery = nursery
         self._bounds: cachetools.LRUCache[Hashable, array[int]] = (
             cachetools.LRUCache(ARCHIVES_KEPT))
@@ -138,6 +136,24 @@ class Interest(Generic[H]):
         # member reaches into the next one, which is no interest in it.
         i = bisect.bisect_left(bounds, end - MEMBER_SLACK)
         return max(bounds[i] if i < len(bounds) else end, end) + MEMBER_SLACK
+
+    def _cached(self, handle: H, offset: int, length: int, end_only: bool) -> bytes | None:
+        """Bytes of the handle's file from the cache alone; None if some are not there
+        (with ``end_only``, the longest end of the range that is, None if nothing is)."""
+        end = min(offset + length, handle.info.size)
+        wanted = chunk_range(offset, end)
+        pieces: list[memoryview] = []
+        for i in reversed(wanted):
+            data = self._peek(handle, i)
+            if data is None:
+                if end_only and pieces:
+                    break
+                return None
+            pieces.append(data)
+        if not pieces:
+            return b""
+        first = wanted.stop - len(pieces)
+        return b"".join(slice_chunks(pieces[::-1], first, max(offset, first * CHUNK), end))
 
     async def _learn(self, key: Hashable, handle: H) -> None:
         size = handle.info.size
