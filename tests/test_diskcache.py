@@ -5,8 +5,10 @@ within its size, private, and one mount's."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import random
 import stat
@@ -19,6 +21,7 @@ import pytest
 from tests.conftest import MiB, MountFactory, run_zohofs
 from tests.helpers import Mount, data_gets, sha256, wait_for
 from zohofs import chunkfiles
+from zohofs.buffers import BufferPool
 from zohofs.diskcache import LAYOUT, OLD_LAYOUTS, DiskCache
 from zohofs.emulator.backup import Backup, generate
 from zohofs.emulator.server import Emulator
@@ -324,3 +327,55 @@ def test_a_backup_no_longer_listed_leaves_the_disk(
     assert not old.with_suffix(".index").exists()
     assert "removed the chunks of 1 replaced backup files" in m.log
     assert m.stop() == 0  # before the emulator goes: it lists twice a second
+
+
+def test_whole_chunks_are_written_past_the_page_cache(tmp_path: Path) -> None:
+    # With O_DIRECT from and into the pool's page-aligned buffers: a cold copy that keeps
+    # a gigabyte neither copies it into the page cache nor pushes a gigabyte of other
+    # programs' cached files out, nor does reading it back. A short last chunk and a
+    # caller's unaligned bytes take the page cache's way; all of them read back right.
+    pool = BufferPool(CHUNK, limit=4)
+    rng = random.Random(5)
+    pieces = []
+    for _ in range(3):
+        buffer = pool.take()
+        buffer[:] = rng.randbytes(CHUNK)
+        pieces.append(memoryview(buffer).toreadonly())
+    short, unaligned = rng.randbytes(CHUNK // 3), rng.randbytes(CHUNK)
+    cache = DiskCache(tmp_path, capacity=64 * CHUNK)
+    cache.open()
+    try:
+        cache.store("a-1", 0, [*pieces, short])
+        cache.store("b-1", 0, [unaligned])
+        uncached(tmp_path / LAYOUT / "a-1.chunks", 3)
+        back = cache.load("a-1", 0, [CHUNK] * 3 + [len(short)], lambda n: pool.take())
+        assert back is not None and [bytes(p) for p in back] == [*map(bytes, pieces), short]
+        uncached(tmp_path / LAYOUT / "a-1.chunks", 3)
+        assert loaded(cache, "b-1", 0, 1) == [unaligned]
+    finally:
+        cache.close()
+
+
+def uncached(path: Path, chunks: int) -> None:
+    """None of the first ``chunks`` chunks of the file is in the page cache (mincore(2)
+    of a map of it: a probe that reads nothing in)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    length = chunks * CHUNK
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        pages = ctypes.create_string_buffer(length // mmap.PAGESIZE)
+        try:
+            assert libc.mincore(address, length, pages) == 0, ctypes.get_errno()
+        finally:
+            libc.munmap(address, length)
+    finally:
+        os.close(fd)
+    resident = sum(byte & 1 for byte in pages.raw)
+    assert resident == 0, f"{resident} pages of {path.name} in the page cache"

@@ -20,7 +20,7 @@ import trio
 
 from zohofs.answers import RemoteInfo
 from zohofs.auth import TokenSource
-from zohofs.buffers import BufferPool
+from zohofs.buffers import Buffer, BufferPool
 from zohofs.cache import Abandoned, ChunkCache
 from zohofs.diskcache import DiskCache, version_name
 from zohofs.errors import AccessDenied, BadAnswer, RemoteChanged, TransportError, ZohofsError, again
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 # Buffers of evicted chunks kept for the next ones (16 MiB), recycled as a copy reads.
 BUFFERS_KEPT = 128
-# Bytes fetched and copied for the disk cache that it has not written yet: past this,
+# Bytes fetched for the disk cache that it has not written yet: past this,
 # what is fetched ahead waits, and what a read waits for is not kept (a disk slower than
 # the network must not cost memory, nor hold a read up).
 DISK_PENDING = 32 << 20
@@ -82,7 +82,7 @@ class BlockReader:
         self._kernel = kernel
         self.disk = disk
         self._disk_writers = trio.CapacityLimiter(DISK_WRITERS)
-        self._disk_pending = 0  # bytes copied for the disk and not written yet
+        self._disk_pending = 0  # bytes fetched for the disk and not written yet
         self._disk_caught_up = trio.Event()  # set (and replaced) as each write ends
         self.read_deadline = read_deadline
         self.stats = remote.stats
@@ -303,11 +303,10 @@ class BlockReader:
             while not self._disk_room(length):
                 await self._disk_caught_up.wait()
         if self._nursery is not None and self._disk_room(length):
-            # Copied now: the cache may let the buffers go (and the pool reuse them)
-            # before the disk has them. Written behind the reads.
+            # Written behind the reads, from the buffers the cache holds: the pool hands
+            # none out again while a view of it (these) exists.
             self._disk_pending += length
-            self._nursery.start_soon(self._keep_on_disk, version, run.start,
-                                     [bytes(p) for p in pieces])
+            self._nursery.start_soon(self._keep_on_disk, version, run.start, pieces)
         return pieces
 
     def _disk_room(self, length: int) -> bool:
@@ -315,11 +314,12 @@ class BlockReader:
         limit may, alone)."""
         return not self._disk_pending or self._disk_pending + length <= DISK_PENDING
 
-    def _buffer(self, size: int) -> bytearray:
+    def _buffer(self, size: int) -> Buffer:
         """A buffer for a chunk read from disk: the pool's (taking is thread-safe)."""
         return self._buffers.take() if size <= CHUNK else bytearray(size)
 
-    async def _keep_on_disk(self, version: str, first: int, pieces: list[bytes]) -> None:
+    async def _keep_on_disk(self, version: str, first: int,
+                            pieces: list[memoryview]) -> None:
         assert self.disk is not None
         try:
             async with self._disk_writers:

@@ -3,23 +3,28 @@
 A fresh buffer per chunk cost half the mount's CPU in a profile of a cold copy: the
 allocation zero-fills it holding the GIL, and its pages fault in as the body is read into
 it. Buffers of evicted chunks are kept instead and read into again.
+
+Each buffer is an anonymous memory map: page-aligned, so the disk cache writes the very
+buffer a chunk was fetched into with ``O_DIRECT`` (no copy, no page cache; see
+chunkfiles.py), and zero-filled by the kernel rather than under the GIL.
 """
 
 from __future__ import annotations
 
+import mmap
 from collections import deque
 
+Buffer = mmap.mmap | bytearray
 
-def _unexported(buffer: bytearray) -> bool:
-    """Whether no view of ``buffer`` exists: Python refuses to resize a bytearray that
-    has exported its memory (PEP 3118), and only views are ever handed out. Shrunk by a
-    byte, then grown back: within its allocation, so it is never moved or made bigger
-    (growing first made every pooled buffer a reallocated 147 KiB one)."""
+
+def _unexported(buffer: mmap.mmap) -> bool:
+    """Whether no view of ``buffer`` exists: a map refuses to be resized while it has
+    exported its memory (PEP 3118), and only views are ever handed out. Resized to its
+    own size: nothing moves."""
     try:
-        buffer.pop()
+        buffer.resize(len(buffer))
     except BufferError:
         return False
-    buffer.append(0)  # its contents are for the next fetch to write
     return True
 
 
@@ -27,25 +32,26 @@ class BufferPool:
     """Free buffers of ``size`` bytes, at most ``limit`` of them.
 
     A buffer is only handed out again when nothing refers to it any more: a view of an
-    evicted chunk may still be on its way to the kernel, or held by a read joining pieces.
-    Taking and giving are safe from any thread (deque operations are atomic).
+    evicted chunk may still be on its way to the kernel or to the disk cache, or held by a
+    read joining pieces. Taking and giving are safe from any thread (deque operations are
+    atomic).
     """
 
     def __init__(self, size: int, limit: int) -> None:
         self.size = size
-        self._free: deque[bytearray] = deque(maxlen=limit)
+        self._free: deque[mmap.mmap] = deque(maxlen=limit)
 
-    def take(self) -> bytearray:
+    def take(self) -> mmap.mmap:
         while True:
             try:
                 buffer = self._free.pop()
             except IndexError:
-                return bytearray(self.size)
+                return mmap.mmap(-1, self.size)
             if _unexported(buffer):
                 return buffer
 
     def give(self, view: memoryview) -> None:
         """A chunk left the cache: its buffer may serve again."""
         buffer = view.obj
-        if isinstance(buffer, bytearray) and len(buffer) == self.size:
+        if isinstance(buffer, mmap.mmap) and len(buffer) == self.size:
             self._free.append(buffer)

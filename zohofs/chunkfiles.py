@@ -13,6 +13,14 @@ rather than a cryptographic digest: it guards against the disk, not an attacker 
 write the 0700 directory can write anything); 64 bits leave damage unnoticed once in
 2^64; and it hashes 30 GB/s here, where CRC-32 does 3.4 and SHA-256 1.5, which a read
 from disk paid per byte (CRC-32 took most of the re-read's time).
+
+Whole chunks are written and read with ``O_DIRECT`` where the filesystem allows it,
+straight from and into the page-aligned buffers of the pool (buffers.py). Through the
+page cache, a cold copy with the disk cache ran at 0.6x the speed of one without on a
+2-core machine (every page of the file allocated and copied into, and a gigabyte of other
+programs' cached files pushed out per gigabyte kept), and a re-read from the device at
+0.44-0.53 GB/s; directly, at 0.9-1.1x and 0.9 GB/s. A file's short last chunk, and a
+caller's buffers that are not aligned (EINVAL), go through the page cache.
 """
 
 from __future__ import annotations
@@ -27,8 +35,9 @@ import os
 import shutil
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
@@ -63,9 +72,10 @@ class Files:
     """A version's two files, open; closed once retired and nobody uses them
     (:class:`OpenFiles`'s lock guards ``users`` and ``retired``)."""
 
-    def __init__(self, chunks: int, index: int) -> None:
+    def __init__(self, chunks: int, index: int, direct: int | None) -> None:
         self.chunks = chunks
         self.index = index
+        self.direct = direct  # the chunk file opened for O_DIRECT, when it can be
         self.users = 0
         self.retired = False
 
@@ -88,19 +98,50 @@ class Files:
         except BaseException:
             os.close(index)
             raise
-        return cls(chunks, index)
+        try:
+            direct: int | None = os.open(chunks_path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError:  # a filesystem without direct I/O (EINVAL), or the file just went
+            direct = None
+        return cls(chunks, index, direct)
 
     def close(self) -> None:
         os.close(self.chunks)
         os.close(self.index)
+        if self.direct is not None:
+            os.close(self.direct)
 
     def read(self, first: int, pieces: Sequence[memoryview]) -> int:
         """Chunks ``first``, ``first+1``, … into ``pieces``: the bytes read."""
-        return os.preadv(self.chunks, pieces, first * CHUNK)
+        whole = _whole(pieces)
+        got = self._direct(os.preadv, first, pieces[:whole])
+        if got is None:
+            return os.preadv(self.chunks, pieces, first * CHUNK)
+        if got < whole * CHUNK or whole == len(pieces):
+            return got
+        return got + os.preadv(self.chunks, pieces[whole:], (first + whole) * CHUNK)
 
-    def write(self, first: int, pieces: Sequence[bytes]) -> None:
-        if os.pwritev(self.chunks, pieces, first * CHUNK) != sum(map(len, pieces)):
-            raise OSError(errno.ENOSPC, "short write")
+    def write(self, first: int, pieces: Sequence[bytes | memoryview]) -> None:
+        whole = _whole(pieces)
+        wrote = self._direct(os.pwritev, first, pieces[:whole])
+        if wrote is not None:
+            _check(wrote, pieces[:whole])
+        rest = 0 if wrote is None else whole
+        if rest < len(pieces):
+            _check(os.pwritev(self.chunks, pieces[rest:], (first + rest) * CHUNK), pieces[rest:])
+
+    def _direct(self, call: Callable[[int, Sequence[Any], int], int], first: int,
+                pieces: Sequence[bytes | memoryview]) -> int | None:
+        """``call`` (preadv or pwritev) of these whole chunks with O_DIRECT: the bytes it
+        moved, or None when it cannot (no pieces, no direct I/O here, or memory that is
+        not aligned: a caller's bytes rather than the pool's buffers)."""
+        if self.direct is None or not pieces:
+            return None
+        try:
+            return call(self.direct, pieces, first * CHUNK)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            return None
 
     def write_records(self, first: int, records: Sequence[tuple[int, int, int]]) -> None:
         """The records (length, hash, last used) of chunks ``first``, ``first+1``, …"""
@@ -119,6 +160,17 @@ class Files:
         if _fallocate(self.chunks, _PUNCH_HOLE, start * CHUNK, (stop - start) * CHUNK) == 0:
             return 0
         return ctypes.get_errno()
+
+
+def _check(wrote: int, pieces: Sequence[bytes | memoryview]) -> None:
+    if wrote != sum(map(len, pieces)):
+        raise OSError(errno.ENOSPC, "short write")
+
+
+def _whole(pieces: Sequence[bytes | memoryview]) -> int:
+    """How many pieces lead as whole chunks (direct I/O moves whole blocks only; a
+    file's last chunk is short)."""
+    return next((n for n, piece in enumerate(pieces) if len(piece) != CHUNK), len(pieces))
 
 
 class OpenFiles:

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+from zohofs.buffers import Buffer
 from zohofs.chunkfiles import (
     CHUNKS,
     INDEX,
@@ -161,7 +162,7 @@ class DiskCache:
             return all((version, i) in self._lru for i in indices)
 
     def load(self, version: str, first: int, lengths: Sequence[int],
-             buffer: Callable[[int], bytearray] = bytearray) -> list[memoryview] | None:
+             buffer: Callable[[int], Buffer] = bytearray) -> list[memoryview] | None:
         """The chunks ``first``, ``first+1``, … of ``version`` (of the given lengths), if
         every one is on disk and sound; else None. ``buffer(n)`` gives a buffer of at
         least ``n`` bytes to read a chunk into (a pool's, rather than a fresh one zeroed
@@ -221,7 +222,7 @@ class DiskCache:
 
     # -- writing (worker threads) ---------------------------------------------------------
 
-    def store(self, version: str, first: int, pieces: Sequence[bytes]) -> None:
+    def store(self, version: str, first: int, pieces: Sequence[bytes | memoryview]) -> None:
         """Keep these chunks on disk (in a worker thread: this writes and checksums)."""
         size = sum(RECORD_SIZE + len(p) for p in pieces)
         try:
@@ -236,7 +237,8 @@ class DiskCache:
         except OSError as exc:
             log.warning("disk cache: cannot write %s: %s", self.root, exc.strerror or exc)
 
-    def _store(self, version: str, first: int, pieces: Sequence[bytes], size: int) -> None:
+    def _store(self, version: str, first: int, pieces: Sequence[bytes | memoryview],
+               size: int) -> None:
         keys = [(version, i) for i in range(first, first + len(pieces))]
         # Fetched from the server: what the disk has of them, if anything, was not sound
         # (or is the same bytes, kept twice at once); overwritten below.
