@@ -23,6 +23,7 @@ from zohofs.auth import TokenSource
 from zohofs.buffers import Buffer, BufferPool
 from zohofs.cache import Abandoned, ChunkCache
 from zohofs.diskcache import DiskCache, version_name
+from zohofs.diskio import DiskIO
 from zohofs.errors import AccessDenied, BadAnswer, RemoteChanged, TransportError, ZohofsError, again
 from zohofs.interest import Interest
 from zohofs.planner import CHUNK, PrefetchBudget, ReadPattern, chunk_range, slice_chunks
@@ -36,12 +37,6 @@ log = logging.getLogger(__name__)
 
 # Buffers of evicted chunks kept for the next ones (16 MiB), recycled as a copy reads.
 BUFFERS_KEPT = 128
-# Bytes fetched for the disk cache that it has not written yet: past this,
-# what is fetched ahead waits, and what a read waits for is not kept (a disk slower than
-# the network must not cost memory, nor hold a read up).
-DISK_PENDING = 32 << 20
-# Threads writing to the disk cache at once: each waits on the disk most of the time.
-DISK_WRITERS = 4
 
 
 @dataclass(eq=False)
@@ -81,9 +76,6 @@ class BlockReader:
         self._tokens = tokens
         self._kernel = kernel
         self.disk = disk
-        self._disk_writers = trio.CapacityLimiter(DISK_WRITERS)
-        self._disk_pending = 0  # bytes fetched for the disk and not written yet
-        self._disk_caught_up = trio.Event()  # set (and replaced) as each write ends
         self.read_deadline = read_deadline
         self.stats = remote.stats
         # Up to half the cache holds chunks fetched ahead and not yet read (never evicted);
@@ -101,6 +93,7 @@ class BlockReader:
         self._nursery: trio.Nursery | None = None
         self._interest: Interest[OpenFile] = Interest(
             lambda handle, i: self.cache.peek(self._key(handle, i)), lambda: self._nursery)
+        self._disk = None if disk is None else DiskIO(disk, self._buffer, lambda: self._nursery)
 
     def start(self, nursery: trio.Nursery) -> None:
         """Give the reader a place to run background prefetches."""
@@ -115,12 +108,10 @@ class BlockReader:
                               max_request=self._max_request)
         handle = OpenFile(node, node.file, info, pattern,
                           FileActivity(node.file.path, info.size), version)
-        if self.disk is not None and validated(info):
+        if self._disk is not None and validated(info):
             handle.on_disk = version_name(node.file.path,
                                           (info.etag, info.last_modified, info.size))
-            if self._nursery is not None:
-                self._nursery.start_soon(trio.to_thread.run_sync, self.disk.retire_others,
-                                         handle.on_disk)
+            self._disk.opened(handle.on_disk)
         self._open.add(handle)
         return handle
 
@@ -288,48 +279,19 @@ class BlockReader:
                              length: int, ahead: bool) -> list[memoryview]:
         """The chunks of ``run``: from the disk cache when it holds them all, else from
         the server (and then kept on disk too)."""
-        disk, version = self.disk, handle.on_disk
+        disk, version = self._disk, handle.on_disk
         if disk is None or version is None:
             return await self._fetch(handle, start, length)
-        if disk.holds(version, run):  # else no trip to a thread: a cold copy's case
-            lengths = [self._chunk_length(handle, i) for i in run]
-            kept = await trio.to_thread.run_sync(disk.load, version, run.start, lengths,
-                                                 self._buffer)
-            if kept is not None:
-                return kept
+        kept = await disk.load(version, run.start, [self._chunk_length(handle, i) for i in run])
+        if kept is not None:
+            return kept
         pieces = await self._fetch(handle, start, length)
-        if ahead:
-            # Fetching ahead waits for the disk to catch up: every chunk read is kept.
-            while not self._disk_room(length):
-                await self._disk_caught_up.wait()
-        if self._nursery is not None and self._disk_room(length):
-            # Written behind the reads, from the buffers the cache holds: the pool hands
-            # none out again while a view of it (these) exists.
-            self._disk_pending += length
-            self._nursery.start_soon(self._keep_on_disk, version, run.start, pieces)
+        await disk.keep(version, run.start, pieces, ahead)
         return pieces
-
-    def _disk_room(self, length: int) -> bool:
-        """Whether ``length`` more bytes may wait to be written (a run bigger than the
-        limit may, alone)."""
-        return not self._disk_pending or self._disk_pending + length <= DISK_PENDING
 
     def _buffer(self, size: int) -> Buffer:
         """A buffer for a chunk read from disk: the pool's (taking is thread-safe)."""
         return self._buffers.take() if size <= CHUNK else bytearray(size)
-
-    async def _keep_on_disk(self, version: str, first: int,
-                            pieces: list[memoryview]) -> None:
-        assert self.disk is not None
-        try:
-            async with self._disk_writers:
-                await trio.to_thread.run_sync(self.disk.store, version, first, pieces)
-        except Exception:  # in the mount's top-level nursery: must never end the mount
-            log.exception("disk cache: unexpected error while writing")
-        finally:
-            self._disk_pending -= sum(len(p) for p in pieces)
-            self._disk_caught_up.set()
-            self._disk_caught_up = trio.Event()
 
     def _drop(self, handle: OpenFile, keys: list[Hashable], verdict: BaseException) -> None:
         for key in keys:
