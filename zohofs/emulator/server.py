@@ -194,9 +194,10 @@ class Emulator:
 
     def add_backup(self, backup: Backup) -> list[str]:
         """Serve a backup's files; it becomes its org's current backup."""
-        self.current_job[backup.zgid] = backup.job_id
-        return [self.add_file(backup.zgid, backup.job_id, name, data)
-                for name, data in sorted(backup.files.items())]
+        links = [self.add_file(backup.zgid, backup.job_id, name, data)
+                 for name, data in sorted(backup.files.items())]
+        self.current_job[backup.zgid] = backup.job_id  # whole, as Zoho's answer switches
+        return links
 
     def add_account(self, zgid: str, client_id: str | None = None,
                     client_secret: str | None = None,
@@ -221,7 +222,8 @@ class Emulator:
     def listing(self, zgid: str) -> dict[str, object]:
         job = self.current_job[zgid]
         prefix = f"/v2/crm/{zgid}/backup/{job}/"
-        names = sorted(p[len(prefix):] for p in self.files if p.startswith(prefix))
+        # A copy first (atomic): a test may add files while the server thread lists.
+        names = sorted(p[len(prefix):] for p in list(self.files) if p.startswith(prefix))
         offset = timezone(timedelta(hours=5, minutes=30))  # Zoho's samples use IST
         return {"urls": {
             "data_links": [self.base_url + prefix + n for n in names if n.startswith("Data_")],
