@@ -20,7 +20,7 @@ import trio
 
 from zohofs.answers import RemoteInfo
 from zohofs.auth import TokenSource
-from zohofs.buffers import Buffer, BufferPool
+from zohofs.buffers import BufferPool
 from zohofs.cache import Abandoned, ChunkCache
 from zohofs.diskcache import DiskCache, version_name
 from zohofs.diskio import DiskIO
@@ -93,7 +93,7 @@ class BlockReader:
         self._nursery: trio.Nursery | None = None
         self._interest: Interest[OpenFile] = Interest(
             lambda handle, i: self.cache.peek(self._key(handle, i)), lambda: self._nursery)
-        self._disk = None if disk is None else DiskIO(disk, self._buffer, lambda: self._nursery)
+        self._disk = None if disk is None else DiskIO(disk, self._buffers, lambda: self._nursery)
 
     def start(self, nursery: trio.Nursery) -> None:
         """Give the reader a place to run background prefetches."""
@@ -288,10 +288,6 @@ class BlockReader:
         pieces = await self._fetch(handle, start, length)
         await disk.keep(version, run.start, pieces, ahead)
         return pieces
-
-    def _buffer(self, size: int) -> Buffer:
-        """A buffer for a chunk read from disk: the pool's (taking is thread-safe)."""
-        return self._buffers.take() if size <= CHUNK else bytearray(size)
 
     def _drop(self, handle: OpenFile, keys: list[Hashable], verdict: BaseException) -> None:
         for key in keys:

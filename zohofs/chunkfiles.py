@@ -19,8 +19,9 @@ straight from and into the page-aligned buffers of the pool (buffers.py). Throug
 page cache, a cold copy with the disk cache ran at 0.6x the speed of one without on a
 2-core machine (every page of the file allocated and copied into, and a gigabyte of other
 programs' cached files pushed out per gigabyte kept), and a re-read from the device at
-0.44-0.53 GB/s; directly, at 0.9-1.1x and 0.9 GB/s. A file's short last chunk, and a
-caller's buffers that are not aligned (EINVAL), go through the page cache.
+0.44-0.53 GB/s; directly, at 0.9-1.1x and at the device's pace. A file's short last
+chunk, and buffers the device refuses as not aligned (EINVAL: a caller's ``bytes`` may
+be), go through the page cache; so does all of it on a filesystem without direct I/O.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ _MAGIC = b"zohofsC2"
 _HEADER = struct.Struct("<8s33s")  # magic, version
 _RECORD = struct.Struct("<IQI")  # length (0: none), XXH3-64, last used (seconds)
 RECORD_SIZE = _RECORD.size
+# What a filesystem answers when it cannot do direct I/O (EINVAL also for memory that is
+# not aligned as its device wants).
+_NO_DIRECT = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
 # fallocate(2): give the blocks of a range back, keep the file's size.
 _PUNCH_HOLE = 0x02 | 0x01
 
@@ -76,6 +80,7 @@ class Files:
         self.chunks = chunks
         self.index = index
         self.direct = direct  # the chunk file opened for O_DIRECT, when it can be
+        self.refused: int | None = None  # why direct I/O failed with aligned buffers
         self.users = 0
         self.retired = False
 
@@ -100,7 +105,11 @@ class Files:
             raise
         try:
             direct: int | None = os.open(chunks_path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
-        except OSError:  # a filesystem without direct I/O (EINVAL), or the file just went
+        except OSError as exc:
+            if exc.errno not in _NO_DIRECT and exc.errno != errno.ENOENT:  # ENOENT: it went
+                os.close(chunks)
+                os.close(index)
+                raise
             direct = None
         return cls(chunks, index, direct)
 
@@ -134,13 +143,19 @@ class Files:
         """``call`` (preadv or pwritev) of these whole chunks with O_DIRECT: the bytes it
         moved, or None when it cannot (no pieces, no direct I/O here, or memory that is
         not aligned: a caller's bytes rather than the pool's buffers)."""
-        if self.direct is None or not pieces:
+        if self.direct is None or self.refused is not None or not pieces:
             return None
         try:
             return call(self.direct, pieces, first * CHUNK)
         except OSError as exc:
-            if exc.errno != errno.EINVAL:
+            if exc.errno not in _NO_DIRECT:
                 raise
+            if exc.errno != errno.EINVAL and self.refused is None:
+                # Not for this filesystem, whatever the buffers. The descriptor stays open
+                # until close(): another thread may be using it this moment.
+                self.refused = exc.errno
+                log.info("disk cache: the filesystem refuses direct I/O (%s): through the "
+                         "page cache", exc.strerror)
             return None
 
     def write_records(self, first: int, records: Sequence[tuple[int, int, int]]) -> None:

@@ -12,27 +12,28 @@ from collections.abc import Callable
 
 import trio
 
-from zohofs.buffers import Buffer
+from zohofs.buffers import BufferPool
 from zohofs.diskcache import DiskCache
 
 log = logging.getLogger(__name__)
 
 # Bytes fetched for the disk cache that it has not written yet: past this, what is
 # fetched ahead waits, and what a read waits for is not kept (a disk slower than the
-# network must not cost memory, nor hold a read up).
+# network must not hold a read up, nor cost memory: the writers hold the cache's own
+# buffers, beyond its size only those it evicted before they were written).
 PENDING = 32 << 20
 # Threads writing to the disk cache at once: each waits on the disk most of the time.
 WRITERS = 4
 
 
 class DiskIO:
-    def __init__(self, disk: DiskCache, buffer: Callable[[int], Buffer],
+    def __init__(self, disk: DiskCache, buffers: BufferPool,
                  nursery: Callable[[], trio.Nursery | None]) -> None:
-        """``buffer(n)`` gives a buffer of at least ``n`` bytes to load a chunk into;
-        ``nursery()`` the mount's, where writes run behind the reads (None before it
-        starts: nothing is written then)."""
+        """``buffers``: the pool chunks are loaded into; ``nursery()``: the mount's,
+        where writes run behind the reads (None before it starts: nothing is written
+        then)."""
         self.disk = disk
-        self._buffer = buffer
+        self._buffers = buffers
         self._nursery = nursery
         self._writers = trio.CapacityLimiter(WRITERS)
         self._pending = 0  # bytes fetched for the disk and not written yet
@@ -53,7 +54,7 @@ class DiskIO:
         if not self.disk.holds(version, range(first, first + len(lengths))):
             return None
         return await trio.to_thread.run_sync(self.disk.load, version, first, lengths,
-                                             self._buffer)
+                                             lambda _: self._buffers.take())
 
     async def keep(self, version: str, first: int, pieces: list[memoryview],
                    ahead: bool) -> None:

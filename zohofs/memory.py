@@ -29,7 +29,7 @@ def tune_allocator() -> None:
     """Call before any thread starts.
 
     Every buffer of :data:`BIG` or more gets a mapping of its own, returned to the system
-    when freed; chunk buffers (128 KiB) stay below it, on the heap, and are reused. glibc
+    when freed (chunk buffers are maps of their own anyway, see buffers.py, and reused). glibc
     raises its mmap threshold each time a big buffer is freed, after which big buffers
     come from per-thread heaps that seldom shrink: with the 8 MiB blocks zohofs once had,
     peak RSS grew to several times the cache budget.
