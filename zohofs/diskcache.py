@@ -21,7 +21,6 @@ layout's directory (a file per chunk, SHA-256) is removed at open.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import fcntl
@@ -31,6 +30,7 @@ import os
 import shutil
 import threading
 import time
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -82,11 +82,9 @@ class DiskCache:
         self._lock = threading.Lock()  # the bookkeeping below
         self._io = threading.Lock()  # writing, and giving room back: one at a time
         # Chunks kept, least recently used first: (version, index) -> (length, hash).
-        self._lru: collections.OrderedDict[tuple[str, int], tuple[int, int]] = (
-            collections.OrderedDict())
+        self._lru: OrderedDict[tuple[str, int], tuple[int, int]] = OrderedDict()
         # The chunks each version has (in _lru): a version's go without a walk over all.
-        self._indices: collections.defaultdict[str, set[int]] = (
-            collections.defaultdict(set))
+        self._indices: defaultdict[str, set[int]] = defaultdict(set)
         # The versions' files kept open, under the same lock: a version's files are never
         # opened as they are removed (writes to a removed file would be lost).
         self._files = OpenFiles(self.root, self._lock, OPEN_VERSIONS)
@@ -189,12 +187,14 @@ class DiskCache:
                 if got == sum(lengths) and not bad:
                     if renew:  # recency survives a restart (renewed once a mount)
                         self._renew(files, keys, kept)
-                    self.hits += len(pieces)
+                    with self._lock:  # loads run in several threads at once
+                        self.hits += len(pieces)
                     return pieces
             log.warning("disk cache: dropping the damaged chunks %s of %s (fetched again)",
                         ", ".join(str(i) for _, i in bad) if bad else "(cut short)",
                         files_of(self.root, version)[1])
-            self.dropped += len(bad or keys)
+            with self._lock:
+                self.dropped += len(bad or keys)
             with self._io:
                 self._clear(self._drop(bad or keys))
         except OSError as exc:
@@ -318,7 +318,7 @@ class DiskCache:
     def _evict(self, room: int) -> None:
         """Least recently used chunks go until ``room`` more bytes fit; those are then
         counted, so that writers at once never outgrow the size together."""
-        gone: dict[str, list[int]] = collections.defaultdict(list)
+        gone: dict[str, list[int]] = defaultdict(list)
         with self._lock:
             while self._lru and self.size + room > self.capacity:
                 (version, index), (length, _) = self._lru.popitem(last=False)
@@ -330,7 +330,7 @@ class DiskCache:
 
     def _drop(self, keys: Sequence[tuple[str, int]]) -> dict[str, list[int]]:
         """Take these chunks out of the bookkeeping (those in it): by version."""
-        dropped: dict[str, list[int]] = collections.defaultdict(list)
+        dropped: dict[str, list[int]] = defaultdict(list)
         with self._lock:
             for key in keys:
                 kept = self._lru.pop(key, None)
