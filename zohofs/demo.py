@@ -64,7 +64,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         try:
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
         finally:
-            emulator.stop()
+            emulator.close()
     return 0
 
 

@@ -20,6 +20,7 @@ import secrets
 import select
 import socket
 import ssl
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -160,6 +161,7 @@ class Emulator:
         self._server = _Server((host, port), _Handler)
         self._server.emulator = self
         self.ca_path: str | None = None
+        self._own_ca = False  # a CA file made here, removed by close()
         if tls:
             import trustme  # only the TLS mode needs it
 
@@ -168,8 +170,11 @@ class Emulator:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             cert.configure_cert(ctx)
             self._server.ssl_context = ctx
-            self.ca_path = ca_path or os.path.join(
-                os.environ.get("TMPDIR", "/tmp"), f"zohofs-emulator-ca-{os.getpid()}.pem")
+            if ca_path is None:  # one of its own: two emulators of a process never share
+                fd, ca_path = tempfile.mkstemp(prefix="zohofs-emulator-ca-", suffix=".pem")
+                os.close(fd)
+                self._own_ca = True
+            self.ca_path = ca_path
             ca.cert_pem.write_to_path(self.ca_path)
         address = self._server.server_address
         self.host, self.port = str(address[0]), int(address[1])
@@ -313,6 +318,13 @@ class Emulator:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
+    def close(self) -> None:
+        """Stop for good, and remove the CA file made for this emulator."""
+        self.stop()
+        if self._own_ca and self.ca_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.ca_path)
+
     def restart(self) -> None:
         """Come back on the same address after :meth:`stop` (a server gone and back)."""
         server = _Server((self.host, self.port), _Handler)
@@ -332,7 +344,7 @@ class Emulator:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.close()
 
 
 class _Server(ThreadingHTTPServer):
