@@ -158,14 +158,20 @@ def test_a_second_mount_of_one_directory_is_refused(
     assert refused.returncode == 2
     assert "is in use by another zohofs mount" in refused.stderr
     cleared = run_zohofs("cache", "clear", "--cache-dir", str(cache))
-    assert cleared.returncode == 2 and "in use" in cleared.stderr
+    assert cleared.returncode == 2 and "in use by a zohofs mount: unmount it first" in (
+        cleared.stderr)
 
 
 def test_cache_clear_empties_the_directory(filled: Path) -> None:
     assert chunk_files(filled)
     cleared = run_zohofs("cache", "clear", "--cache-dir", str(filled))
     assert cleared.returncode == 0, cleared.stderr
+    assert "MiB)" in cleared.stdout and "INFO" not in cleared.stderr
     assert not chunk_files(filled)
+    again = run_zohofs("cache", "clear", "--cache-dir", str(filled))
+    assert again.returncode == 0 and "nothing to clear" in again.stdout
+    mistyped = run_zohofs("cache", "clear", "--cache-dir", str(filled) + "-typo")
+    assert mistyped.returncode == 2 and "is not a directory" in mistyped.stderr
 
 
 def test_a_new_version_on_the_server_never_meets_the_old_chunks(
@@ -192,10 +198,10 @@ def test_writing_stops_before_the_disk_is_full(
                    check=True)
     try:
         m = mount("--cache-dir", str(small / "cache"), "--cache-dir-size", "1G", name="full")
-        m.expect_log("disk cache: less than 0.4 MB free under")
+        m.expect_log("disk cache: less than 0.4 MiB free under")
         for name, data in backup.files.items():
             assert copy_through(m, name) == data  # reads go on, from the server
-        wait_for(lambda: "less than 0.4 MB free" in m.log, 20, "the warning")
+        wait_for(lambda: "less than 0.4 MiB free" in m.log, 20, "the warning")
         usage = os.statvfs(small)
         assert usage.f_bavail * usage.f_frsize > 0
         assert m.stop() == 0

@@ -127,6 +127,7 @@ def test_sizes() -> None:
     assert parse_size("8M") == 8 * MiB
     assert parse_size("512k") == 512 * 1024
     assert parse_size("256", default_unit=MiB) == 256 * MiB
+    assert parse_size("1.5G") == 3 << 29 and parse_size("2T") == 2 << 40  # disk caches
     with pytest.raises(ConfigError):
         parse_size("lots")
 

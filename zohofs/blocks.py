@@ -22,7 +22,8 @@ from zohofs.answers import RemoteInfo
 from zohofs.auth import TokenSource
 from zohofs.buffers import BufferPool
 from zohofs.cache import Abandoned, ChunkCache
-from zohofs.diskcache import DiskCache, version_name
+from zohofs.chunkfiles import version_name
+from zohofs.diskcache import DiskCache
 from zohofs.diskio import DiskIO
 from zohofs.errors import AccessDenied, BadAnswer, RemoteChanged, TransportError, ZohofsError, again
 from zohofs.interest import Interest

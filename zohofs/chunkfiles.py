@@ -31,6 +31,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -65,6 +66,16 @@ if _fallocate is not None:
 
 def digest(data: bytes | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data)
+
+
+def version_name(path: str, validators: Sequence[object]) -> str:
+    """The file name of one version of one file: a digest of its path, then one of its
+    validators (the versions of one file share the first half)."""
+    return f"{name_digest(path)}-{name_digest(chr(0).join(str(v) for v in validators))}"
+
+
+def name_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def files_of(root: Path, version: str) -> tuple[Path, Path]:

@@ -283,7 +283,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if not directory:
         raise ConfigError("which cache? give --cache-dir DIR (or cache_dir in the config)")
     freed = diskcache.clear(Path(directory))
-    print(f"zohofs: cleared {directory} ({freed / 1e6:.1f} MB)")
+    print(f"zohofs: cleared {directory} ({freed / (1 << 20):.1f} MiB)" if freed
+          else f"zohofs: nothing to clear in {directory}")
     return 0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import shutil
@@ -43,12 +42,14 @@ from zohofs.chunkfiles import (
     OpenFiles,
     digest,
     files_of,
+    name_digest,
     read_index,
     remove,
     remove_old_layouts,
     runs,
 )
 from zohofs.errors import ConfigError
+from zohofs.planner import MiB
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +65,8 @@ OPEN_VERSIONS = 32
 USED_KEPT = 100_000
 
 
-def version_name(path: str, validators: Sequence[object]) -> str:
-    """The file name of one version of one file: a digest of its path, then one of its
-    validators (the versions of one file share the first half)."""
-    return f"{_name_digest(path)}-{_name_digest(chr(0).join(str(v) for v in validators))}"
-
-
-def _name_digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+class CacheInUse(ConfigError):
+    """Another mount holds the directory."""
 
 
 class DiskCache:
@@ -99,9 +94,9 @@ class DiskCache:
 
     # -- the directory -----------------------------------------------------------------
 
-    def open(self) -> None:
+    def open(self, quiet: bool = False) -> None:
         """Take the directory (refused while another mount has it), and learn what it
-        holds."""
+        holds (said in the log unless ``quiet``)."""
         try:
             if not self.root.parent.exists():  # made private; one of the admin's is theirs
                 self.root.parent.mkdir(mode=0o700, parents=True)
@@ -115,8 +110,8 @@ class DiskCache:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise ConfigError(f"the cache directory {self.root.parent} is in use by another "
-                              "zohofs mount: give each mount a directory of its own") from None
+            raise CacheInUse(f"the cache directory {self.root.parent} is in use by another "
+                             "zohofs mount: give each mount a directory of its own") from None
         self._lock_fd = fd
         remove_old_layouts(self.root.parent, OLD_LAYOUTS)
         if self._margin is None:
@@ -142,8 +137,9 @@ class DiskCache:
             self._indices[version].add(index)
             self.size += length + RECORD_SIZE
         self._evict(0)
-        log.info("disk cache %s: %.1f MB in %d chunks, at most %.1f MB", self.root.parent,
-                 self.size / 1e6, len(self._lru), self.capacity / 1e6)
+        if not quiet:
+            log.info("disk cache %s: %.1f MiB in %d chunks, at most %.1f MiB",
+                     self.root.parent, self.size / MiB, len(self._lru), self.capacity / MiB)
 
     def close(self) -> None:
         """At the mount's end, when no worker thread is left."""
@@ -276,7 +272,7 @@ class DiskCache:
     def forget_files(self, paths: Iterable[str]) -> None:
         """Remove every version of these files (backups Zoho replaced). In a worker
         thread."""
-        gone = self._remove_versions({_name_digest(path) for path in paths})
+        gone = self._remove_versions({name_digest(path) for path in paths})
         if gone:
             log.info("disk cache: removed the chunks of %d replaced backup files", gone)
 
@@ -307,8 +303,8 @@ class DiskCache:
         if not room:
             if not self._full_said:
                 self._full_said = True
-                log.warning("disk cache: less than %.1f MB free under %s: not writing to "
-                            "it until there is more", (self._margin or 0) / 1e6, self.root)
+                log.warning("disk cache: less than %.1f MiB free under %s: not writing to "
+                            "it until there is more", (self._margin or 0) / MiB, self.root)
             return False
         self._full_said = False
         return True
@@ -385,11 +381,17 @@ class DiskCache:
 
 def clear(directory: Path) -> int:
     """Empty a cache directory no mount is using; returns the bytes freed."""
+    if not directory.is_dir():
+        raise ConfigError(f"{directory} is not a directory: no disk cache there")
     root = directory / LAYOUT
     if not root.is_dir():
         return 0
     cache = DiskCache(directory, capacity=1 << 62, free_margin=0)
-    cache.open()  # refused while a mount uses it
+    try:
+        cache.open(quiet=True)
+    except CacheInUse:
+        raise ConfigError(f"the cache directory {directory} is in use by a zohofs mount: "
+                          "unmount it first") from None
     try:
         freed = cache.size
         for entry in root.iterdir():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
+from decimal import Decimal
 from typing import Any
 
 from zohofs.access import parse_group, parse_octal, parse_user
@@ -22,18 +23,19 @@ MIN_BLOCK_SIZE = 1 * MiB
 MAX_BLOCK_SIZE = 64 * MiB
 SECRETS = ("client_id", "client_secret", "refresh_token")
 
-_SIZE = re.compile(r"^(\d+)\s*([kKmMgG]?)(i?[bB])?$")
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB])?$")
 
 
 def parse_size(text: str | int, default_unit: int = 1) -> int:
-    """``8M``, ``512k``, ``1G`` or a plain number (in ``default_unit``) to bytes."""
+    """``8M``, ``512k``, ``1.5G``, ``2T`` or a plain number (in ``default_unit``) to
+    bytes (binary units: ``M`` is MiB)."""
     if isinstance(text, int) and not isinstance(text, bool):
         return text * default_unit
     m = _SIZE.match(str(text).strip())
     if not m:
-        raise ConfigError(f"not a size: {text!r} (try 8M or 512K)")
-    unit = {"": default_unit, "k": 1 << 10, "m": MiB, "g": 1 << 30}[m[2].lower()]
-    return int(m[1]) * unit
+        raise ConfigError(f"not a size: {text!r} (a number, then K, M, G or T: 64M, 1.5G)")
+    unit = {"": default_unit, "k": 1 << 10, "m": MiB, "g": 1 << 30, "t": 1 << 40}[m[2].lower()]
+    return int(Decimal(m[1]) * unit)
 
 
 def _string(value: Any) -> str:
