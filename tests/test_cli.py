@@ -50,7 +50,8 @@ def test_demo_shows_the_tree_and_unmounts_on_ctrl_c(tmp_path: Path, expand: bool
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "zohofs", "demo", str(mnt),
                                  "--size", "6M", "--part-size", "2M",
-                                 *(["--expand"] if expand else [])],
+                                 *(["--expand"] if expand else
+                                   ["--cache-dir", str(tmp_path / "cache")])],
                                 stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
@@ -63,6 +64,10 @@ def test_demo_shows_the_tree_and_unmounts_on_ctrl_c(tmp_path: Path, expand: bool
             assert ("Data_001/  (what Data_001.zip holds)" in text) == expand
             assert "    Leads_001.csv" not in text
             assert (job / "Data_001" / "Data" / "Leads_001.csv").exists() == expand
+            if not expand:  # --cache-dir: what was read is kept on disk
+                (job / "Data_001.zip").read_bytes()
+                wait_for(lambda: any((tmp_path / "cache").rglob("*.chunks")), 20,
+                         "the chunks on disk")
         finally:
             proc.send_signal(signal.SIGINT)
             code = proc.wait(20)

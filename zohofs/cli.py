@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backup_options(d, part_size="16M")  # small parts, so the demo shows several
     d.add_argument("--expand", action="store_true",
                    help="also show each zip's files in a folder next to it")
+    d.add_argument("--cache-dir", metavar="DIR",
+                   help="keep what is fetched on disk there: a second demo reads it from there")
     d.add_argument("-d", "--debug", action="store_true", help="log every request")
     return parser
 

@@ -103,7 +103,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # endpoint, backup URLs API, then ranged downloads.
         cfg = Config(
             mountpoint=mountpoint, ca_file=emulator.ca_path, debug=args.debug,
-            expand=args.expand,
+            expand=args.expand, cache_dir=args.cache_dir,
             trust_hosts=frozenset({f"{emulator.host}:{emulator.port}"}),
             accounts=(config.Account("demo", "us", emulator.base_url, emulator.base_url,
                                      Credentials(account.client_id,
