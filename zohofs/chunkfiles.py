@@ -52,6 +52,7 @@ _MAGIC = b"zohofsC2"
 _HEADER = struct.Struct("<8s33s")  # magic, version
 _RECORD = struct.Struct("<IQI")  # length (0: none), XXH3-64, last used (seconds)
 RECORD_SIZE = _RECORD.size
+Piece = bytes | memoryview  # a chunk's bytes as written
 # What a filesystem answers when it cannot do direct I/O (EINVAL also for memory that is
 # not aligned as its device wants).
 _NO_DIRECT = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
@@ -64,7 +65,7 @@ if _fallocate is not None:
     _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
-def digest(data: bytes | memoryview) -> int:
+def digest(data: Piece) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
@@ -140,7 +141,7 @@ class Files:
             return got
         return got + os.preadv(self.chunks, pieces[whole:], (first + whole) * CHUNK)
 
-    def write(self, first: int, pieces: Sequence[bytes | memoryview]) -> None:
+    def write(self, first: int, pieces: Sequence[Piece]) -> None:
         whole = _whole(pieces)
         wrote = self._direct(os.pwritev, first, pieces[:whole])
         if wrote is not None:
@@ -150,7 +151,7 @@ class Files:
             _check(os.pwritev(self.chunks, pieces[rest:], (first + rest) * CHUNK), pieces[rest:])
 
     def _direct(self, call: Callable[[int, Sequence[Any], int], int], first: int,
-                pieces: Sequence[bytes | memoryview]) -> int | None:
+                pieces: Sequence[Piece]) -> int | None:
         """``call`` (preadv or pwritev) of these whole chunks with O_DIRECT: the bytes it
         moved, or None when it cannot (no pieces, no direct I/O here, or memory that is
         not aligned: a caller's bytes rather than the pool's buffers)."""
@@ -188,12 +189,12 @@ class Files:
         return ctypes.get_errno()
 
 
-def _check(wrote: int, pieces: Sequence[bytes | memoryview]) -> None:
+def _check(wrote: int, pieces: Sequence[Piece]) -> None:
     if wrote != sum(map(len, pieces)):
         raise OSError(errno.ENOSPC, "short write")
 
 
-def _whole(pieces: Sequence[bytes | memoryview]) -> int:
+def _whole(pieces: Sequence[Piece]) -> int:
     """How many pieces lead as whole chunks (direct I/O moves whole blocks only; a
     file's last chunk is short)."""
     return next((n for n, piece in enumerate(pieces) if len(piece) != CHUNK), len(pieces))

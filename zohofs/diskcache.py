@@ -40,6 +40,7 @@ from zohofs.chunkfiles import (
     RECORD_SIZE,
     Files,
     OpenFiles,
+    Piece,
     digest,
     files_of,
     name_digest,
@@ -48,7 +49,7 @@ from zohofs.chunkfiles import (
     remove_old_layouts,
     runs,
 )
-from zohofs.errors import ConfigError
+from zohofs.errors import CacheInUse, ConfigError
 from zohofs.planner import MiB
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,6 @@ FREE_MARGIN = 1 << 30
 OPEN_VERSIONS = 32
 # Chunks remembered as having had their time renewed this mount (a record write a run).
 USED_KEPT = 100_000
-
-
-class CacheInUse(ConfigError):
-    """Another mount holds the directory."""
 
 
 class DiskCache:
@@ -218,7 +215,7 @@ class DiskCache:
 
     # -- writing (worker threads) ---------------------------------------------------------
 
-    def store(self, version: str, first: int, pieces: Sequence[bytes | memoryview]) -> None:
+    def store(self, version: str, first: int, pieces: Sequence[Piece]) -> None:
         """Keep these chunks on disk (in a worker thread: this writes and checksums)."""
         size = sum(RECORD_SIZE + len(p) for p in pieces)
         try:
@@ -233,8 +230,7 @@ class DiskCache:
         except OSError as exc:
             log.warning("disk cache: cannot write %s: %s", self.root, exc.strerror or exc)
 
-    def _store(self, version: str, first: int, pieces: Sequence[bytes | memoryview],
-               size: int) -> None:
+    def _store(self, version: str, first: int, pieces: Sequence[Piece], size: int) -> None:
         keys = [(version, i) for i in range(first, first + len(pieces))]
         # Fetched from the server: what the disk has of them, if anything, was not sound
         # (or is the same bytes, kept twice at once); overwritten below.
@@ -270,8 +266,7 @@ class DiskCache:
             self._remove_versions({version.split("-")[0]}, keep=version)
 
     def forget_files(self, paths: Iterable[str]) -> None:
-        """Remove every version of these files (backups Zoho replaced). In a worker
-        thread."""
+        """Remove every version of these files (backups Zoho replaced); in a thread."""
         gone = self._remove_versions({name_digest(path) for path in paths})
         if gone:
             log.info("disk cache: removed the chunks of %d replaced backup files", gone)

@@ -52,6 +52,10 @@ class ConfigError(ZohofsError):
     """Bad configuration: reported to the user before anything is mounted."""
 
 
+class CacheInUse(ConfigError):
+    """Another mount holds the disk cache's directory."""
+
+
 class ReadOnly(ZohofsError):
     errno = _errno.EROFS
     log_level = logging.DEBUG
