@@ -76,7 +76,6 @@ class BlockReader:
         self._remote = remote
         self._tokens = tokens
         self._kernel = kernel
-        self.disk = disk
         self.read_deadline = read_deadline
         self.stats = remote.stats
         # Up to half the cache holds chunks fetched ahead and not yet read (never evicted);
@@ -100,15 +99,16 @@ class BlockReader:
         """Give the reader a place to run background prefetches."""
         self._nursery = nursery
 
-    def open(self, node: Node, info: RemoteInfo) -> OpenFile:
-        """A handle that reads ``node`` as ``info`` describes it (probed for this open)."""
+    def open(self, node: Node, info: RemoteInfo, own: bool = False) -> OpenFile:
+        """A handle that reads ``node`` as ``info`` describes it (probed for this open);
+        ``own`` for zohofs's own reads of an archive (``--expand``)."""
         assert node.file is not None
         version = ((info.etag, info.last_modified, info.size) if validated(info)
                    else ("open", next(self._opens)))
         pattern = ReadPattern(self._budget, info.size, max_ahead=self._max_ahead,
                               max_request=self._max_request)
         handle = OpenFile(node, node.file, info, pattern,
-                          FileActivity(node.file.path, info.size), version)
+                          FileActivity(node.file.path, info.size), version, own=own)
         if self._disk is not None and validated(info):
             handle.on_disk = version_name(node.file.path,
                                           (info.etag, info.last_modified, info.size))

@@ -126,8 +126,7 @@ class Expander:
         deadline; the names it had to change are logged."""
         assert archive.file is not None
         path = archive.file.path
-        handle = self._blocks.open(archive, await self._prober.for_open(archive))
-        handle.own = True
+        handle = self._blocks.open(archive, await self._prober.for_open(archive), own=True)
 
         async def read(offset: int, length: int) -> bytes:
             # A MiB at a time: a directory of tens of MiB read in one go would hold that
@@ -244,9 +243,8 @@ class Expander:
         if member is None or not self._tree.attached(node):
             raise NoSuchEntry(f"{node.name}: not in the archive any more")
         archive_node = self._tree.node(node.view.archive)
-        archive = self._blocks.open(archive_node,
-                                    await self._prober.for_open(archive_node))
-        archive.own = True
+        archive = self._blocks.open(archive_node, await self._prober.for_open(archive_node),
+                                    own=True)
         name = f"{view_name(archive.file.path)}/{member.path}"
         try:
             key = (archive.node.ino, archive.version, member.path)

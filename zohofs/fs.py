@@ -85,6 +85,7 @@ class ZohoFS:
                                   also_cached=lambda: checkpoints.size, disk=disk)
         self._archives = Expander(self.tree, self.prober, self.blocks, checkpoints)
         self._memory = memory.Collector()
+        self._disk = disk
         self._tokens = tokens
         self._access = access or Access.from_settings()
         self._on_miss = on_miss
@@ -253,7 +254,7 @@ class ZohoFS:
         """What the mount is doing, for `zohofs status` (the root's user.zohofs.status)."""
         return snapshot(self.stats, self.files, (h.activity for h in self._open.values()),
                         self.blocks.cache.size,
-                        sum(t.refreshes for t in self._tokens.values()), self.blocks.disk)
+                        sum(t.refreshes for t in self._tokens.values()), self._disk)
 
     def open_paths(self) -> list[str]:
         """The paths of the files open now, for the log."""

@@ -58,18 +58,12 @@ RUNS_TRIED = 64
 class Reader(Protocol):
     """What this module needs of an open handle (blocks.py's ``OpenFile``)."""
 
-    @property
-    def node(self) -> Node: ...
-    @property
-    def file(self) -> BackupFile: ...
-    @property
-    def info(self) -> RemoteInfo: ...
-    @property
-    def pattern(self) -> ReadPattern: ...
-    @property
-    def version(self) -> Hashable: ...
-    @property
-    def own(self) -> bool: ...
+    node: Node
+    file: BackupFile
+    info: RemoteInfo
+    pattern: ReadPattern
+    version: Hashable
+    own: bool
 
 
 H = TypeVar("H", bound=Reader)
