@@ -99,7 +99,7 @@ class Files:
     @classmethod
     def open(cls, root: Path, version: str, create: bool) -> Files | None:
         """The files of ``version``, made if ``create``; None when they are not there."""
-        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         index_path, chunks_path = files_of(root, version)
         try:
             index = os.open(index_path, flags, 0o600)
@@ -116,7 +116,7 @@ class Files:
             os.close(index)
             raise
         try:
-            direct: int | None = os.open(chunks_path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+            direct: int | None = os.open(chunks_path, flags & ~os.O_CREAT | os.O_DIRECT)
         except OSError as exc:
             if exc.errno not in _NO_DIRECT and exc.errno != errno.ENOENT:  # ENOENT: it went
                 os.close(chunks)
@@ -291,8 +291,8 @@ def runs(indices: list[int]) -> Iterator[tuple[int, int]]:
 
 
 def remove(path: Path) -> None:
-    """A file or a folder of the cache's directory, gone."""
-    if path.is_dir():
+    """A file or a folder of the cache's directory, gone (a link, not what it names)."""
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
@@ -302,6 +302,8 @@ def remove_old_layouts(directory: Path, layouts: Sequence[str]) -> None:
     """What an older zohofs kept there, unless a mount of one uses it still."""
     for name in layouts:
         old = directory / name
+        if old.is_symlink():
+            continue  # not one zohofs made
         try:
             fd = os.open(old / "lock", os.O_RDWR | os.O_CLOEXEC)
         except OSError:

@@ -27,6 +27,7 @@ import fcntl
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from collections import OrderedDict, defaultdict
@@ -51,6 +52,7 @@ from zohofs.chunkfiles import (
 )
 from zohofs.errors import CacheInUse, ConfigError
 from zohofs.planner import MiB
+from zohofs.privatedir import UnsafeDirectory, private_directory
 
 log = logging.getLogger(__name__)
 
@@ -94,20 +96,23 @@ class DiskCache:
     def open(self, quiet: bool = False) -> None:
         """Take the directory (refused while another mount has it), and learn what it
         holds (said in the log unless ``quiet``)."""
+        given = self.root.parent
         try:
-            if not self.root.parent.exists():  # made private; one of the admin's is theirs
-                self.root.parent.mkdir(mode=0o700, parents=True)
-            self.root.mkdir(mode=0o700, exist_ok=True)
-            os.chmod(self.root, 0o700)  # CRM data: the mounting user's and nobody else's
-            fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # Files here are deleted and rewritten, by root often: in a directory somebody
+            # else could change, a link put there would aim that at any file.
+            self.root = private_directory(given, "the cache directory") / LAYOUT
+            _make_layout(self.root)
+            fd = os.open(self.root / "lock",
+                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise ConfigError(f"cannot use the cache directory {self.root.parent}: "
+            raise ConfigError(f"cannot use the cache directory {given}: "
                               f"{exc.strerror or exc}") from None
+        self._files = OpenFiles(self.root, self._lock, OPEN_VERSIONS)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise CacheInUse(f"the cache directory {self.root.parent} is in use by another "
+            raise CacheInUse(f"the cache directory {given} is in use by another "
                              "zohofs mount: give each mount a directory of its own") from None
         self._lock_fd = fd
         remove_old_layouts(self.root.parent, OLD_LAYOUTS)
@@ -374,6 +379,19 @@ class DiskCache:
                     path.unlink(missing_ok=True)
 
 
+def _make_layout(root: Path) -> None:
+    """The cache's own directory in the admin's, mode 0700 (CRM data), refused when it
+    is something else: a link, a file, somebody else's."""
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        st = os.lstat(root)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise UnsafeDirectory(f"{root} is not a directory zohofs made: remove it, or "
+                                  "choose another cache directory") from None
+    os.chmod(root, 0o700)
+
+
 def clear(directory: Path) -> int:
     """Empty a cache directory no mount is using; returns the bytes freed."""
     if not directory.is_dir():
@@ -389,7 +407,7 @@ def clear(directory: Path) -> int:
                           "unmount it first") from None
     try:
         freed = cache.size
-        for entry in root.iterdir():
+        for entry in cache.root.iterdir():
             if entry.name != "lock":
                 remove(entry)
         return freed

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from zohofs.errors import ConfigError
+from zohofs.privatedir import private_directory
 
 _JOURNAL_PRIORITY = {
     logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7,
@@ -99,7 +100,7 @@ def background_handler(state: Path, syslog: str = "/dev/log") -> tuple[logging.H
         handler.setFormatter(logging.Formatter("zohofs[%(process)d]: %(name)s: %(message)s"))
         return handler, "syslog"
     try:
-        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        state = private_directory(state, "the state directory, for a log file")
     except OSError as exc:
         raise ConfigError(f"no syslog, and cannot make {state} for a log file: "
                           f"{exc.strerror}; give --log-file") from None

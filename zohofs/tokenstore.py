@@ -24,6 +24,7 @@ from typing import Protocol
 import trio
 
 from zohofs.errors import SignInUnavailable
+from zohofs.privatedir import UnsafeDirectory, private_directory
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,15 @@ class TokenStore:
         """The shared state, for this process alone until the block ends; written back
         (atomically, mode 0600) when the block changed it."""
         try:
-            self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # Tokens are secrets, and the file is rewritten (by root often): never in a
+            # directory another user could read from or put a link in.
+            directory = private_directory(self._directory, "the token store's directory")
+            self.path, self._lock_path = (directory / self.path.name,
+                                          directory / self._lock_path.name)
+            fd = os.open(self._lock_path,
+                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except UnsafeDirectory as exc:
+            raise StoreUnusable(str(exc)) from None
         except OSError as exc:
             raise StoreUnusable(f"cannot keep access tokens in {self._directory}: "
                                 f"{exc.strerror or exc}") from None
@@ -142,7 +150,8 @@ class TokenStore:
         shared.requests = [t for t in shared.requests if t > time.time() - 3600]
         temporary = self.path.with_suffix(".tmp")
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w") as f:
                 json.dump(asdict(shared), f)
             os.replace(temporary, self.path)

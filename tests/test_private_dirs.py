@@ -1,0 +1,133 @@
+"""Directories zohofs deletes and rewrites files in (the disk cache, shared tokens):
+refused when another local user could put a link in zohofs's way, before anything in
+them is touched."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MountFactory, run_zohofs
+from zohofs.diskcache import LAYOUT
+from zohofs.emulator.backup import Backup
+from zohofs.privatedir import UnsafeDirectory, private_directory
+
+NOBODY = 65534
+JOB = "757345985/4876876000001594004"
+LINK = "https://download-accl.zoho.com/v2/crm/1/backup/2/Data_001.zip"
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Path:
+    """A directory of somebody's files that a link planted in zohofs's way points at."""
+    path = tmp_path / "victim"
+    path.mkdir(mode=0o755)
+    (path / "precious.txt").write_text("not zohofs's\n")
+    return path
+
+
+def untouched(victim: Path) -> bool:
+    return ([p.name for p in victim.iterdir()] == ["precious.txt"]
+            and stat.S_IMODE(victim.stat().st_mode) == 0o755)
+
+
+def planted(tmp_path: Path, victim: Path, mode: int) -> Path:
+    """A cache directory of ``mode`` whose layout directory is a link to ``victim``."""
+    directory = tmp_path / "cache"
+    directory.mkdir()
+    directory.chmod(mode)
+    (directory / LAYOUT).symlink_to(victim)
+    return directory
+
+
+def test_a_new_directory_is_made_private(tmp_path: Path) -> None:
+    made = private_directory(tmp_path / "a" / "b", "the test's directory")
+    assert made == (tmp_path / "a" / "b").resolve()
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700
+
+
+def test_one_anybody_may_write_to_is_refused_and_left_alone(tmp_path: Path) -> None:
+    open_to_all = tmp_path / "shared"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    with pytest.raises(UnsafeDirectory, match=r"writable by group or others \(mode 777\)"):
+        private_directory(open_to_all, "the test's directory")
+    with pytest.raises(UnsafeDirectory, match="writable by group or others"):
+        private_directory(open_to_all / "inside" / "deeper", "the test's directory")
+    assert stat.S_IMODE(open_to_all.stat().st_mode) == 0o777
+    assert list(open_to_all.iterdir()) == []  # nothing made in it
+
+
+def test_a_sticky_ancestor_is_safe_but_not_as_the_directory_itself(tmp_path: Path) -> None:
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)  # as /tmp: others may not rename what is not theirs
+    assert private_directory(sticky / "mine", "the test's directory") == (sticky / "mine")
+    with pytest.raises(UnsafeDirectory):
+        private_directory(sticky, "the test's directory")
+
+
+def test_one_another_user_owns_is_refused(tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, NOBODY, -1)
+    with pytest.raises(UnsafeDirectory, match=f"{theirs} belongs to (nobody|uid {NOBODY})"):
+        private_directory(theirs / "cache", "the test's directory")
+    assert not (theirs / "cache").exists()
+
+
+def test_the_admins_link_is_followed_once_and_checked_where_it_leads(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(real)
+    assert private_directory(tmp_path / "link", "the test's directory") == real.resolve()
+    real.chmod(0o777)
+    with pytest.raises(UnsafeDirectory, match=str(real.resolve())):
+        private_directory(tmp_path / "link", "the test's directory")
+
+
+def test_a_mount_refuses_a_cache_directory_others_could_write_to(
+        tmp_path: Path, victim: Path, token_file: Path) -> None:
+    cache = planted(tmp_path, victim, 0o777)
+    (tmp_path / "mnt").mkdir()
+    refused = run_zohofs("mount", str(tmp_path / "mnt"), "--cache-dir", str(cache),
+                         "--link", LINK, "--access-token-file", str(token_file))
+    assert refused.returncode == 2, refused.stderr
+    assert f"the cache directory {cache} is not safe" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert untouched(victim)
+    cleared = run_zohofs("cache", "clear", "--cache-dir", str(cache))
+    assert cleared.returncode == 2 and "is not safe" in cleared.stderr
+    assert untouched(victim)
+
+
+def test_a_link_in_place_of_the_cache_is_never_followed(
+        tmp_path: Path, victim: Path, token_file: Path) -> None:
+    cache = planted(tmp_path, victim, 0o700)  # safe, but a link where zohofs's folder goes
+    (tmp_path / "mnt").mkdir()
+    refused = run_zohofs("mount", str(tmp_path / "mnt"), "--cache-dir", str(cache),
+                         "--link", LINK, "--access-token-file", str(token_file))
+    assert refused.returncode == 2
+    assert f"{cache / LAYOUT} is not a directory zohofs made" in refused.stderr
+    cleared = run_zohofs("cache", "clear", "--cache-dir", str(cache))
+    assert cleared.returncode == 2 and "not a directory zohofs made" in cleared.stderr
+    assert untouched(victim)
+
+
+def test_tokens_are_not_shared_through_a_directory_others_could_write_to(
+        oauth_mount: MountFactory, backup: Backup, tmp_path: Path) -> None:
+    shared = tmp_path / "shared-state"
+    shared.mkdir()
+    shared.chmod(0o777)
+    m = oauth_mount(env={"XDG_STATE_HOME": str(shared)})
+    m.expect_log("is not safe.*keeps its tokens to itself")
+    # It still signs in and reads, its tokens its own.
+    assert (m.path / JOB / "Data_001.zip").read_bytes() == backup.files["Data_001.zip"]
+    assert re.search(f"the token store's directory {shared / 'zohofs'} is not safe: {shared} "
+                     r"is writable by group or others \(mode 777\).*keeps its tokens to "
+                     "itself", m.log)
+    assert list(shared.iterdir()) == []
