@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from tests.helpers import many_members, zip64_by_hand
 from zohofs import contents as contents_module
+from zohofs import zipindex
 from zohofs.cache import ChunkCache
 from zohofs.contents import Contents
 from zohofs.emulator.backup import corrupt_member, generate
@@ -140,6 +141,15 @@ def test_unsafe_and_colliding_names_are_made_safe() -> None:
     assert notes[2].startswith("1 files shown under another name (a directory has theirs)")
     assert all(len(part.encode()) <= 255 for p in paths for part in p.split("/"))
     assert all(".." not in p.split("/") and not p.startswith("/") for p in paths)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(st.text(st.sampled_from("ab./\\\t\u00e9"), max_size=80),
+                 st.lists(st.text("ab.", min_size=1, max_size=300), max_size=70).map("/".join),
+                 st.builds(lambda n, end: "a/" * n + end,  # about as deep as allowed
+                           st.integers(60, 70), st.sampled_from(["", "b", "b/"]))))
+def test_a_plain_name_is_taken_as_it_is_and_only_when_the_long_way_agrees(name: str) -> None:
+    assert zipindex._safe_path(name)[0] == zipindex._cleaned_path(name)
 
 
 @settings(max_examples=300, deadline=None)

@@ -93,7 +93,7 @@ def describe(mountpoint: str, s: dict[str, Any]) -> str:
              f"{_local(s['mounted_since'])}, links expire {_local(s['links_expire'])}",
              f"fetched {_mb(s['bytes_fetched'])} in {s['gets']} GETs, {s['retries']} retries; "
              f"cache {_mb(s['cache_bytes'])}, chunks {s['chunk_hits']} hit / "
-             f"{s['chunk_misses']} fetched; {s['token_refreshes']} token refreshes"
+             f"{s['chunk_misses']} missed; {s['token_refreshes']} token refreshes"
              + (f"; inflated {_mb(s['bytes_inflated'])}" if s.get("bytes_inflated") else ""),
              "errors: " + (", ".join(f"{k} {v}" for k, v in sorted(s["errors"].items()))
                            or "none")]

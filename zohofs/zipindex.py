@@ -12,6 +12,7 @@ paths: nothing leaves the archive's directory, nothing collides.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import posixpath
 import re
 import struct
@@ -188,7 +189,7 @@ def members(data: bytes, directory: Directory, archive_size: int) -> tuple[list[
         found.append((unique, method, csize, usize, crc, offset, mtime,
                       bool(flags & _ENCRYPTED), _mode(made_by, external)))
     # A file and a directory of the same name: the directory (which holds files) wins.
-    parents = {posixpath.dirname(m[0]) for m in found}
+    parents = {m[0].rpartition("/")[0] for m in found}  # safe paths: one "/" between parts
     all_dirs = {p for d in parents | dirs for p in _ancestors(d)}
     for i, m in enumerate(found):
         if m[0] in all_dirs:
@@ -248,6 +249,7 @@ def _mode(made_by: int, external: int) -> int:
     return 0o444
 
 
+@functools.lru_cache(maxsize=4096)  # an archive's members share their times often
 def _dos_time(date: int, time: int) -> float:
     try:
         return datetime(1980 + (date >> 9), (date >> 5) & 0xF, date & 0x1F, time >> 11,
@@ -260,10 +262,22 @@ _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 MAX_DEPTH = 64  # folders in a member's path; a deeper one is skipped
 
 
+# A name with nothing to change: components of no control character or backslash, none
+# empty, none "." or ".." (they would begin the name or follow a "/"), short enough.
+_PLAIN = re.compile(r"[^/\\\x00-\x1f\x7f]+(?:/[^/\\\x00-\x1f\x7f]+)*/?")
+
+
 def _safe_path(name: str) -> tuple[str | None, bool]:
     """A relative path of safe components (None if nothing is left), and whether the entry
     is a directory."""
     is_dir = name.endswith(("/", "\\"))
+    if (name.isascii() and len(name) <= 240 and not name.startswith(".")
+            and "/." not in name and name.count("/") < MAX_DEPTH and _PLAIN.fullmatch(name)):
+        return name.rstrip("/"), is_dir  # nearly every name, as _cleaned_path makes it
+    return _cleaned_path(name), is_dir
+
+
+def _cleaned_path(name: str) -> str | None:
     parts = []
     for part in re.split(r"[/\\]+", name):
         part = _UNSAFE.sub("_", part)
@@ -275,8 +289,8 @@ def _safe_path(name: str) -> tuple[str | None, bool]:
         # A name is at most 255 bytes (room left for _unique's " (2)").
         parts.append(part.encode()[:240].decode("utf-8", "ignore"))
     if len(parts) > MAX_DEPTH:
-        return None, is_dir
-    return ("/".join(parts) or None), is_dir
+        return None
+    return "/".join(parts) or None
 
 
 class _Names:
