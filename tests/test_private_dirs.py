@@ -7,11 +7,14 @@ from __future__ import annotations
 import os
 import re
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import MountFactory, run_zohofs
+from tests.helpers import started_mounts_add
+from zohofs import privatedir
 from zohofs.diskcache import LAYOUT
 from zohofs.emulator.backup import Backup
 from zohofs.privatedir import UnsafeDirectory, private_directory
@@ -42,6 +45,13 @@ def planted(tmp_path: Path, victim: Path, mode: int) -> Path:
     directory.chmod(mode)
     (directory / LAYOUT).symlink_to(victim)
     return directory
+
+
+def refused_mount(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``zohofs mount`` expected to refuse: should it mount, the suite's end unmounts it."""
+    path.mkdir()
+    started_mounts_add(path)
+    return run_zohofs("mount", str(path), *args, timeout=20)
 
 
 def test_a_new_directory_is_made_private(tmp_path: Path) -> None:
@@ -75,7 +85,7 @@ def test_one_another_user_owns_is_refused(tmp_path: Path) -> None:
     theirs = tmp_path / "theirs"
     theirs.mkdir(mode=0o755)
     os.chown(theirs, NOBODY, -1)
-    with pytest.raises(UnsafeDirectory, match=f"{theirs} belongs to (nobody|uid {NOBODY})"):
+    with pytest.raises(UnsafeDirectory, match=f"{theirs} is a folder of (nobody|uid {NOBODY})'s"):
         private_directory(theirs / "cache", "the test's directory")
     assert not (theirs / "cache").exists()
 
@@ -90,12 +100,52 @@ def test_the_admins_link_is_followed_once_and_checked_where_it_leads(tmp_path: P
         private_directory(tmp_path / "link", "the test's directory")
 
 
+def test_a_link_of_another_users_on_the_way_is_not_followed(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(real)
+    os.lchown(tmp_path / "link", NOBODY, -1)  # as if planted where others may write
+    with pytest.raises(UnsafeDirectory, match=f"{tmp_path / 'link'} is a link of "):
+        private_directory(tmp_path / "link" / "cache", "the test's directory")
+    assert list(real.iterdir()) == []
+
+
+def test_missing_parents_are_made_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        made = private_directory(tmp_path / "a" / "b" / "c", "the test's directory")
+    finally:
+        os.umask(old)
+    for folder in (made, made.parent, made.parent.parent):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+def test_a_folder_its_group_may_write_to_is_refused_unless_the_group_is_the_owners(
+        tmp_path: Path) -> None:
+    shared = tmp_path / "group"
+    shared.mkdir()
+    os.chown(shared, os.geteuid(), 54321)  # a group nobody's own
+    shared.chmod(0o770)
+    with pytest.raises(UnsafeDirectory, match=r"writable by group or others \(mode 770\)"):
+        private_directory(shared / "cache", "the test's directory")
+
+
+def test_a_fuse_filesystem_another_user_mounted_is_not_trusted() -> None:
+    me = os.geteuid()
+    mountinfo = [  # as /proc/self/mountinfo says them
+        "36 25 0:52 / /tmp/dc rw,nosuid,nodev - fuse.evil evil rw,user_id=1001,group_id=1001",
+        "37 25 0:53 / /zoho ro,nosuid,nodev - fuse zohofs ro,user_id=0,group_id=0",
+        f"38 25 0:54 / /home/me/m rw - fuse.sshfs me@h rw,user_id={me},group_id=0",
+        "39 25 8:1 / /srv rw - ext4 /dev/sda1 rw",
+    ]
+    assert privatedir._fuse_mounted_by_others(mountinfo, me) == {os.makedev(0, 52): 1001}
+
+
 def test_a_mount_refuses_a_cache_directory_others_could_write_to(
         tmp_path: Path, victim: Path, token_file: Path) -> None:
     cache = planted(tmp_path, victim, 0o777)
-    (tmp_path / "mnt").mkdir()
-    refused = run_zohofs("mount", str(tmp_path / "mnt"), "--cache-dir", str(cache),
-                         "--link", LINK, "--access-token-file", str(token_file))
+    refused = refused_mount(tmp_path / "mnt", "--cache-dir", str(cache), "--link", LINK,
+                            "--access-token-file", str(token_file))
     assert refused.returncode == 2, refused.stderr
     assert f"the cache directory {cache} is not safe" in refused.stderr
     assert "Traceback" not in refused.stderr
@@ -108,13 +158,12 @@ def test_a_mount_refuses_a_cache_directory_others_could_write_to(
 def test_a_link_in_place_of_the_cache_is_never_followed(
         tmp_path: Path, victim: Path, token_file: Path) -> None:
     cache = planted(tmp_path, victim, 0o700)  # safe, but a link where zohofs's folder goes
-    (tmp_path / "mnt").mkdir()
-    refused = run_zohofs("mount", str(tmp_path / "mnt"), "--cache-dir", str(cache),
-                         "--link", LINK, "--access-token-file", str(token_file))
+    refused = refused_mount(tmp_path / "mnt", "--cache-dir", str(cache), "--link", LINK,
+                            "--access-token-file", str(token_file))
     assert refused.returncode == 2
-    assert f"{cache / LAYOUT} is not a directory zohofs made" in refused.stderr
+    assert f"{cache / LAYOUT} is a link, not the directory zohofs makes there" in refused.stderr
     cleared = run_zohofs("cache", "clear", "--cache-dir", str(cache))
-    assert cleared.returncode == 2 and "not a directory zohofs made" in cleared.stderr
+    assert cleared.returncode == 2 and "is a link, not the directory" in cleared.stderr
     assert untouched(victim)
 
 

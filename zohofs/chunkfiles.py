@@ -116,7 +116,7 @@ class Files:
             os.close(index)
             raise
         try:
-            direct: int | None = os.open(chunks_path, flags & ~os.O_CREAT | os.O_DIRECT)
+            direct: int | None = os.open(chunks_path, (flags & ~os.O_CREAT) | os.O_DIRECT)
         except OSError as exc:
             if exc.errno not in _NO_DIRECT and exc.errno != errno.ENOENT:  # ENOENT: it went
                 os.close(chunks)
@@ -305,7 +305,7 @@ def remove_old_layouts(directory: Path, layouts: Sequence[str]) -> None:
         if old.is_symlink():
             continue  # not one zohofs made
         try:
-            fd = os.open(old / "lock", os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(old / "lock", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             continue
         try:

@@ -386,19 +386,25 @@ def _make_layout(root: Path) -> None:
         os.mkdir(root, 0o700)
     except FileExistsError:
         st = os.lstat(root)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-            raise UnsafeDirectory(f"{root} is not a directory zohofs made: remove it, or "
-                                  "choose another cache directory") from None
+        kind = ("a link" if stat.S_ISLNK(st.st_mode) else "not a directory"
+                if not stat.S_ISDIR(st.st_mode) else f"owned by uid {st.st_uid}"
+                if st.st_uid != os.geteuid() else "")
+        if kind:
+            raise UnsafeDirectory(f"{root} is {kind}, not the directory zohofs makes there: "
+                                  "remove it, or choose another cache directory") from None
     os.chmod(root, 0o700)
 
 
 def clear(directory: Path) -> int:
     """Empty a cache directory no mount is using; returns the bytes freed."""
-    if not directory.is_dir():
-        raise ConfigError(f"{directory} is not a directory: no disk cache there")
-    root = directory / LAYOUT
-    if not root.is_dir():
-        return 0
+    try:
+        if not directory.is_dir():
+            raise ConfigError(f"{directory} is not a directory: no disk cache there")
+        if not os.path.lexists(directory / LAYOUT):
+            return 0
+    except OSError as exc:
+        raise ConfigError(f"cannot use the cache directory {directory}: "
+                          f"{exc.strerror or exc}") from None
     cache = DiskCache(directory, capacity=1 << 62, free_margin=0)
     try:
         cache.open(quiet=True)

@@ -100,7 +100,8 @@ def background_handler(state: Path, syslog: str = "/dev/log") -> tuple[logging.H
         handler.setFormatter(logging.Formatter("zohofs[%(process)d]: %(name)s: %(message)s"))
         return handler, "syslog"
     try:
-        state = private_directory(state, "the state directory, for a log file")
+        state = private_directory(state, "the state directory (for a log file; or give "
+                                  "--log-file)")
     except OSError as exc:
         raise ConfigError(f"no syslog, and cannot make {state} for a log file: "
                           f"{exc.strerror}; give --log-file") from None

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -148,12 +149,15 @@ class TokenStore:
 
     def _write(self, shared: SharedTokens) -> None:
         shared.requests = [t for t in shared.requests if t > time.time() - 3600]
-        temporary = self.path.with_suffix(".tmp")
+        temporary = None
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w") as f:
+            fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f"{self.path.stem}.",
+                                             suffix=".tmp")
+            with os.fdopen(fd, "w") as f:  # mkstemp: a new file (O_EXCL), mode 0600
                 json.dump(asdict(shared), f)
             os.replace(temporary, self.path)
         except OSError as exc:
+            if temporary is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
             log.warning("cannot write the token store %s: %s", self.path, exc.strerror or exc)
