@@ -1,6 +1,6 @@
-"""Directories zohofs deletes and rewrites files in (the disk cache, shared tokens):
-refused when another local user could put a link in zohofs's way, before anything in
-them is touched."""
+"""Directories zohofs deletes and rewrites files in (the disk cache, shared tokens), and
+its log file: refused when another local user could put a link in zohofs's way, before
+anything in them is touched."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from tests.helpers import started_mounts_add
 from zohofs import privatedir
 from zohofs.diskcache import LAYOUT
 from zohofs.emulator.backup import Backup
+from zohofs.errors import ConfigError
+from zohofs.logs import file_handler
 from zohofs.privatedir import UnsafeDirectory, private_directory
 
 NOBODY = 65534
@@ -180,3 +182,25 @@ def test_tokens_are_not_shared_through_a_directory_others_could_write_to(
                      r"is writable by group or others \(mode 777\).*keeps its tokens to "
                      "itself", m.log)
     assert list(shared.iterdir()) == []
+
+
+def test_a_log_file_is_never_appended_through_another_users_link_or_name(
+        tmp_path: Path, victim: Path) -> None:
+    precious = victim / "precious.txt"
+    planted_link = tmp_path / "link.log"
+    planted_link.symlink_to(precious)
+    os.lchown(planted_link, NOBODY, -1)
+    hard = tmp_path / "hard.log"
+    os.link(precious, hard)
+    theirs = tmp_path / "theirs.log"
+    theirs.write_text("")
+    os.chown(theirs, NOBODY, -1)
+    for path, why in ((planted_link, "a link of another user's"),
+                      (hard, "a second name of another file"), (theirs, "another user's")):
+        with pytest.raises(ConfigError, match=f"the log file {path} is {why}"):
+            file_handler(str(path))
+    assert precious.read_text() == "not zohofs's\n"
+    own = tmp_path / "own.log"  # the admin's own link, and a new file: as before
+    own.symlink_to(tmp_path / "new.log")
+    file_handler(str(own)).close()
+    assert stat.S_IMODE((tmp_path / "new.log").stat().st_mode) == 0o600

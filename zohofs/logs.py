@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import os
 import socket
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,16 +69,39 @@ class _PrivateFileHandler(logging.handlers.WatchedFileHandler):
     """Reopens a file rotated away as it made it first: mode 0600, whatever the umask."""
 
     def _open(self) -> Any:
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                     0o600)
-        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+        return os.fdopen(_open_log(self.baseFilename), "a", encoding=self.encoding,
+                         errors=self.errors)
+
+
+def _open_log(path: str) -> int:
+    """``path`` opened to append (made mode 0600), never through another user's link nor
+    into their file or a second name of some other file (a hard link): zohofs, root often,
+    would append to a file of their choosing, or write member names where they read them."""
+    me = os.geteuid()
+    follow = False
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            if st.st_uid not in (0, me):
+                raise ConfigError(f"the log file {path} is a link of another user's: "
+                                  "give a path of your own")
+            follow = True  # the admin's own (/dev/stdout is one)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                 | (0 if follow else os.O_NOFOLLOW), 0o600)
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and (st.st_uid not in (0, me) or st.st_nlink > 1):
+        os.close(fd)
+        raise ConfigError(f"the log file {path} is " + (
+            "another user's" if st.st_uid not in (0, me) else "a second name of another file")
+            + ": give a path of your own")
+    return fd
 
 
 def file_handler(path: str) -> logging.Handler:
     """Appends to ``path``, created mode 0600 (names of members are customer data); a
     file rotated away by logrotate is reopened."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = _open_log(path)
         mode = os.fstat(fd).st_mode
         os.close(fd)
         handler = _PrivateFileHandler(path, encoding="utf-8")
