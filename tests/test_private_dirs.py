@@ -17,6 +17,7 @@ from tests.helpers import started_mounts_add
 from zohofs import privatedir
 from zohofs.diskcache import LAYOUT
 from zohofs.emulator.backup import Backup
+from zohofs.emulator.server import Emulator
 from zohofs.errors import ConfigError
 from zohofs.logs import file_handler
 from zohofs.privatedir import UnsafeDirectory, private_directory
@@ -170,7 +171,7 @@ def test_a_link_in_place_of_the_cache_is_never_followed(
 
 
 def test_tokens_are_not_shared_through_a_directory_others_could_write_to(
-        oauth_mount: MountFactory, backup: Backup, tmp_path: Path) -> None:
+        oauth_mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path) -> None:
     shared = tmp_path / "shared-state"
     shared.mkdir()
     shared.chmod(0o777)
@@ -182,6 +183,9 @@ def test_tokens_are_not_shared_through_a_directory_others_could_write_to(
                      r"is writable by group or others \(mode 777\).*keeps its tokens to "
                      "itself", m.log)
     assert list(shared.iterdir()) == []
+    listed = run_zohofs("ls", "--config", str(tmp_path / "mnt.toml"), "--trust-host",
+                        f"127.0.0.1:{emulator.port}", env={"XDG_STATE_HOME": str(shared)})
+    assert listed.returncode == 0 and "keeps its tokens to itself" in listed.stderr
 
 
 def test_a_log_file_is_never_appended_through_another_users_link_or_name(

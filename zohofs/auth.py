@@ -211,8 +211,7 @@ class OAuthTokens:
                 async with self._store.locked() as shared:
                     await self._refresh_shared(shared, now, after_rejection)
                 return
-            except StoreUnusable as exc:
-                log.warning("%s; this process keeps its tokens to itself", exc)
+            except StoreUnusable:  # said in the log by the store
                 self._store = None
         await self._ask(now, after_rejection, None)
 

@@ -102,11 +102,12 @@ class TokenStore:
                                           directory / self._lock_path.name)
             fd = os.open(self._lock_path,
                          os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except UnsafeDirectory as exc:
-            raise StoreUnusable(str(exc)) from None
-        except OSError as exc:
-            raise StoreUnusable(f"cannot keep access tokens in {self._directory}: "
-                                f"{exc.strerror or exc}") from None
+        except (UnsafeDirectory, OSError) as exc:
+            why = (str(exc) if isinstance(exc, UnsafeDirectory) else
+                   f"cannot keep access tokens in {self._directory}: {exc.strerror or exc}")
+            # Said here, not by the caller: `zohofs ls` shows this, and not sign-in's lines.
+            log.warning("%s; this process keeps its tokens to itself", why)
+            raise StoreUnusable(why) from None
         try:
             await self._lock(fd)
             shared = self._read()
