@@ -4,10 +4,12 @@ anything in them is touched."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,6 +135,15 @@ def test_a_folder_its_group_may_write_to_is_refused_unless_the_group_is_the_owne
         private_directory(shared / "cache", "the test's directory")
 
 
+def test_an_acl_granting_write_is_not_taken_for_the_owners_group(tmp_path: Path) -> None:
+    granted = tmp_path / "granted"
+    granted.mkdir(mode=0o755)
+    subprocess.run(["setfacl", "-m", f"u:{NOBODY}:rwx", str(granted)], check=True)
+    assert stat.S_IMODE(granted.stat().st_mode) == 0o775  # the ACL's mask, as group bits
+    with pytest.raises(UnsafeDirectory, match=r"writable by group or others \(mode 775\)"):
+        private_directory(granted / "cache", "the test's directory")
+
+
 def test_a_fuse_filesystem_another_user_mounted_is_not_trusted() -> None:
     me = os.geteuid()
     mountinfo = [  # as /proc/self/mountinfo says them
@@ -204,7 +215,49 @@ def test_a_log_file_is_never_appended_through_another_users_link_or_name(
         with pytest.raises(ConfigError, match=f"the log file {path} is {why}"):
             file_handler(str(path))
     assert precious.read_text() == "not zohofs's\n"
+    fifo = tmp_path / "fifo.log"  # another user's reader behind it, or none: start hangs
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=f"the log file {fifo} is not a file"):
+        file_handler(str(fifo))
     own = tmp_path / "own.log"  # the admin's own link, and a new file: as before
     own.symlink_to(tmp_path / "new.log")
     file_handler(str(own)).close()
     assert stat.S_IMODE((tmp_path / "new.log").stat().st_mode) == 0o600
+
+
+def test_a_log_file_replaced_by_another_users_is_not_reopened_nor_fails_the_caller(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "zohofs.log"
+    handler = file_handler(str(path))
+    log = logging.getLogger("test_private_dirs.rotated")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning("first")
+        path.rename(tmp_path / "zohofs.log.1")  # rotated away, and another user's put there
+        path.write_text("")
+        os.chown(path, NOBODY, -1)
+        log.warning("second")
+        log.warning("third")  # neither raises, and the refusal is said once
+        assert capsys.readouterr().err.count(f"cannot log to {path}") == 1
+        assert path.read_text() == ""
+        path.unlink()  # the admin cleans up: logging resumes, in a file of its own
+        log.warning("fourth")
+        assert "fourth" in path.read_text() and path.stat().st_uid == os.geteuid()
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def test_the_process_own_stdout_is_a_fine_log_file_whoever_made_it(tmp_path: Path) -> None:
+    out = tmp_path / "out.log"  # as `sudo zohofs … --log-file /dev/stdout >> ~/out.log`
+    out.write_text("")
+    os.chown(out, NOBODY, -1)
+    with open(out, "a") as f:
+        done = subprocess.run(
+            [sys.executable, "-c", "import logging\nfrom zohofs.logs import file_handler\n"
+             "h = file_handler('/dev/stdout')\nlogging.getLogger().addHandler(h)\n"
+             "logging.getLogger().warning('to stdout')"], stdout=f, stderr=subprocess.PIPE,
+            text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "to stdout" in out.read_text()

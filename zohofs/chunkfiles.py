@@ -35,6 +35,7 @@ import hashlib
 import logging
 import os
 import shutil
+import stat
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -43,7 +44,9 @@ from typing import Any
 
 import xxhash
 
+from zohofs.errors import CacheInUse, ConfigError
 from zohofs.planner import CHUNK
+from zohofs.privatedir import UnsafeDirectory, private_directory
 
 log = logging.getLogger(__name__)
 
@@ -292,10 +295,53 @@ def runs(indices: list[int]) -> Iterator[tuple[int, int]]:
 
 def remove(path: Path) -> None:
     """A file or a folder of the cache's directory, gone (a link, not what it names)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+
+
+def take_layout(directory: Path, layout: str) -> tuple[Path, int]:
+    """The cache's own folder in the admin's ``directory``, made private, and the lock fd
+    that makes it this mount's; refused while another mount holds it."""
+    try:
+        # Files here are deleted and rewritten, by root often: in a directory somebody
+        # else could change, a link put there would aim that at any file.
+        root = private_directory(directory, "the cache directory") / layout
+        _make_private(root)
+        fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot use the cache directory {directory}: "
+                          f"{exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CacheInUse(f"the cache directory {directory} is in use by another zohofs "
+                         "mount: give each mount a directory of its own") from None
+    return root, fd
+
+
+def _make_private(root: Path) -> None:
+    """``root``, mode 0700 (CRM data), refused when it is something else already: a
+    link, a file, somebody else's folder."""
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        st = os.lstat(root)
+        if stat.S_ISLNK(st.st_mode):
+            kind = "a link"
+        elif not stat.S_ISDIR(st.st_mode):
+            kind = "not a directory"
+        elif st.st_uid != os.geteuid():
+            kind = f"owned by uid {st.st_uid}"
+        else:
+            kind = ""
+        if kind:
+            raise UnsafeDirectory(f"{root} is {kind}, not the directory zohofs makes there: "
+                                  "remove it, or choose another cache directory") from None
+    os.chmod(root, 0o700)
 
 
 def remove_old_layouts(directory: Path, layouts: Sequence[str]) -> None:

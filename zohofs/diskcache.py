@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import shutil
-import stat
 import threading
 import time
 from collections import OrderedDict, defaultdict
@@ -49,10 +47,10 @@ from zohofs.chunkfiles import (
     remove,
     remove_old_layouts,
     runs,
+    take_layout,
 )
 from zohofs.errors import CacheInUse, ConfigError
 from zohofs.planner import MiB
-from zohofs.privatedir import UnsafeDirectory, private_directory
 
 log = logging.getLogger(__name__)
 
@@ -96,25 +94,8 @@ class DiskCache:
     def open(self, quiet: bool = False) -> None:
         """Take the directory (refused while another mount has it), and learn what it
         holds (said in the log unless ``quiet``)."""
-        given = self.root.parent
-        try:
-            # Files here are deleted and rewritten, by root often: in a directory somebody
-            # else could change, a link put there would aim that at any file.
-            self.root = private_directory(given, "the cache directory") / LAYOUT
-            _make_layout(self.root)
-            fd = os.open(self.root / "lock",
-                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise ConfigError(f"cannot use the cache directory {given}: "
-                              f"{exc.strerror or exc}") from None
+        self.root, self._lock_fd = take_layout(self.root.parent, LAYOUT)
         self._files = OpenFiles(self.root, self._lock, OPEN_VERSIONS)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise CacheInUse(f"the cache directory {given} is in use by another "
-                             "zohofs mount: give each mount a directory of its own") from None
-        self._lock_fd = fd
         remove_old_layouts(self.root.parent, OLD_LAYOUTS)
         if self._margin is None:
             self._margin = min(FREE_MARGIN, int(shutil.disk_usage(self.root).total * FREE_SHARE))
@@ -377,22 +358,6 @@ class DiskCache:
             for path in files_of(self.root, version):  # under the lock: none opened meanwhile
                 with contextlib.suppress(OSError):  # a read-only disk: nothing to give back
                     path.unlink(missing_ok=True)
-
-
-def _make_layout(root: Path) -> None:
-    """The cache's own directory in the admin's, mode 0700 (CRM data), refused when it
-    is something else: a link, a file, somebody else's."""
-    try:
-        os.mkdir(root, 0o700)
-    except FileExistsError:
-        st = os.lstat(root)
-        kind = ("a link" if stat.S_ISLNK(st.st_mode) else "not a directory"
-                if not stat.S_ISDIR(st.st_mode) else f"owned by uid {st.st_uid}"
-                if st.st_uid != os.geteuid() else "")
-        if kind:
-            raise UnsafeDirectory(f"{root} is {kind}, not the directory zohofs makes there: "
-                                  "remove it, or choose another cache directory") from None
-    os.chmod(root, 0o700)
 
 
 def clear(directory: Path) -> int:

@@ -66,17 +66,32 @@ def stderr_is_journal() -> bool:
 
 
 class _PrivateFileHandler(logging.handlers.WatchedFileHandler):
-    """Reopens a file rotated away as it made it first: mode 0600, whatever the umask."""
+    """Reopens a file rotated away as it made it first: mode 0600, whatever the umask;
+    while the path is refused, records go nowhere (said once on stderr), never into a
+    file another user put there."""
+
+    _refused = False
 
     def _open(self) -> Any:
         return os.fdopen(_open_log(self.baseFilename), "a", encoding=self.encoding,
                          errors=self.errors)
 
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            super().emit(record)
+            self._refused = False
+        except (ConfigError, OSError) as exc:  # from reopening: the logging call must not fail
+            self.stream = None  # reopened at the next record
+            if not self._refused:
+                self._refused = True
+                print(f"zohofs: cannot log to {self.baseFilename}: {exc}", file=sys.stderr)
+
 
 def _open_log(path: str) -> int:
     """``path`` opened to append (made mode 0600), never through another user's link nor
-    into their file or a second name of some other file (a hard link): zohofs, root often,
-    would append to a file of their choosing, or write member names where they read them."""
+    into their file, a pipe they read, or a second name of some other file (a hard link):
+    zohofs, root often, would append to a file of their choosing, or write member names
+    where they read them. The process's own stdout and stderr are always fine."""
     me = os.geteuid()
     follow = False
     with contextlib.suppress(FileNotFoundError):
@@ -86,15 +101,35 @@ def _open_log(path: str) -> int:
                 raise ConfigError(f"the log file {path} is a link of another user's: "
                                   "give a path of your own")
             follow = True  # the admin's own (/dev/stdout is one)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        elif not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+            raise ConfigError(f"the log file {path} is not a file: give a path of your own")
+    # O_NONBLOCK: a FIFO nobody reads must not hang the start; cleared below.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
                  | (0 if follow else os.O_NOFOLLOW), 0o600)
     st = os.fstat(fd)
-    if stat.S_ISREG(st.st_mode) and (st.st_uid not in (0, me) or st.st_nlink > 1):
+    why = None
+    if (st.st_dev, st.st_ino) in _standard_streams():
+        pass
+    elif st.st_uid not in (0, me):
+        why = "another user's"
+    elif not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        why = "not a file"
+    elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        why = "a second name of another file"
+    if why:
         os.close(fd)
-        raise ConfigError(f"the log file {path} is " + (
-            "another user's" if st.st_uid not in (0, me) else "a second name of another file")
-            + ": give a path of your own")
+        raise ConfigError(f"the log file {path} is {why}: give a path of your own")
+    os.set_blocking(fd, True)
     return fd
+
+
+def _standard_streams() -> set[tuple[int, int]]:
+    found = set()
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            st = os.fstat(fd)
+            found.add((st.st_dev, st.st_ino))
+    return found
 
 
 def file_handler(path: str) -> logging.Handler:

@@ -8,13 +8,15 @@ the attacker's choice, and CRM data or tokens written where they can read them. 
 path is walked from ``/`` one name at a time, as OpenSSH checks its keys' and systemd
 chases its paths: every directory on the way must belong to root or to the user zohofs
 runs as and be writable by nobody else (group write allowed only for the owner's own
-private group, and on the way only, a sticky directory such as ``/tmp``), every link on
+private group with no ACL widening it, and on the way only, a sticky directory such as
+``/tmp``), every link on
 the way must belong to one of them too, and no directory may be on a FUSE filesystem
 another user mounted (it could report any owner, and answer differently later).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import os
@@ -37,6 +39,8 @@ def private_directory(path: Path, what: str) -> Path:
     it does not exist; raises :class:`UnsafeDirectory` (``what`` names its use) when it
     is not safe, and :class:`OSError` when it cannot be made or read. Use the path
     returned: it has no links left to follow, and nothing on it another user could change."""
+    if "\0" in str(path):
+        raise UnsafeDirectory(f"{what} {path!r} has a NUL character in it")
     walk = _Walk(path, what)
     todo = list(Path(os.getcwd(), path).parts[1:])
     here = Path("/")
@@ -51,8 +55,9 @@ def private_directory(path: Path, what: str) -> Path:
         try:
             st = os.lstat(step)
         except FileNotFoundError:
-            os.mkdir(step, 0o700)  # each missing folder made private, whatever the umask
-            os.chmod(step, 0o700)
+            with contextlib.suppress(FileExistsError):  # made meanwhile: checked below
+                os.mkdir(step, 0o700)  # each missing folder private, whatever the umask
+                os.chmod(step, 0o700)
             st = os.lstat(step)
         if stat.S_ISLNK(st.st_mode):
             walk.owner(step, st, "a link")
@@ -81,7 +86,8 @@ class _Walk:
     def check(self, directory: Path, st: os.stat_result, last: bool = False) -> None:
         self.owner(directory, st, "a folder")
         writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if st.st_mode & stat.S_IWGRP and not st.st_mode & stat.S_IWOTH and _own_group(st):
+        if (st.st_mode & stat.S_IWGRP and not st.st_mode & stat.S_IWOTH
+                and not _has_acl(directory) and _own_group(st)):
             writable = 0  # group write for a group of the owner alone: the owner's
         if writable and (last or not st.st_mode & stat.S_ISVTX):
             self._refuse(f"{directory} is writable by group or others (mode "
@@ -123,6 +129,16 @@ def _fuse_mounted_by_others(mountinfo: list[str], me: int) -> dict[int, int]:
             major, _, minor = fields[2].partition(":")
             found[os.makedev(int(major), int(minor))] = user
     return found
+
+
+def _has_acl(directory: Path) -> bool:
+    """Whether an access ACL may grant more than the mode says (its group bits are then
+    the ACL's mask, which named users share)."""
+    try:
+        os.getxattr(directory, "system.posix_acl_access", follow_symlinks=False)
+    except OSError as exc:
+        return exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)
+    return True
 
 
 def _own_group(st: os.stat_result) -> bool:

@@ -102,12 +102,11 @@ class TokenStore:
                                           directory / self._lock_path.name)
             fd = os.open(self._lock_path,
                          os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except (UnsafeDirectory, OSError) as exc:
-            why = (str(exc) if isinstance(exc, UnsafeDirectory) else
-                   f"cannot keep access tokens in {self._directory}: {exc.strerror or exc}")
-            # Said here, not by the caller: `zohofs ls` shows this, and not sign-in's lines.
-            log.warning("%s; this process keeps its tokens to itself", why)
-            raise StoreUnusable(why) from None
+        except UnsafeDirectory as exc:
+            raise self._unusable(str(exc)) from None
+        except OSError as exc:
+            raise self._unusable(f"cannot keep access tokens in {self._directory}: "
+                                 f"{exc.strerror or exc}") from None
         try:
             await self._lock(fd)
             shared = self._read()
@@ -119,6 +118,12 @@ class TokenStore:
                     self._write(shared)
         finally:
             os.close(fd)  # releases the lock too
+
+    @staticmethod
+    def _unusable(why: str) -> StoreUnusable:
+        # Said here, not by the caller: `zohofs ls` shows this, and not sign-in's lines.
+        log.warning("%s; this process keeps its tokens to itself", why)
+        return StoreUnusable(why)
 
     async def _lock(self, fd: int) -> None:
         # Polled: a blocking flock in a thread could not be abandoned on a deadline.

@@ -262,8 +262,8 @@ _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 MAX_DEPTH = 64  # folders in a member's path; a deeper one is skipped
 
 
-# A name with nothing to change: components of no control character or backslash, none
-# empty, none "." or ".." (they would begin the name or follow a "/"), short enough.
+# A name with nothing to change: no control character, backslash, or empty, "." or ".."
+# component (those begin the name or follow a "/"), and short enough.
 _PLAIN = re.compile(r"[^/\\\x00-\x1f\x7f]+(?:/[^/\\\x00-\x1f\x7f]+)*/?")
 
 
@@ -283,14 +283,9 @@ def _cleaned_path(name: str) -> str | None:
         part = _UNSAFE.sub("_", part)
         if part in ("", "."):
             continue
-        if part == "..":
-            parts.append("__")  # kept visible, but going nowhere
-            continue
-        # A name is at most 255 bytes (room left for _unique's " (2)").
-        parts.append(part.encode()[:240].decode("utf-8", "ignore"))
-    if len(parts) > MAX_DEPTH:
-        return None
-    return "/".join(parts) or None
+        # ".." kept visible but going nowhere; a name at most 255 bytes (" (2)" may follow).
+        parts.append("__" if part == ".." else part.encode()[:240].decode("utf-8", "ignore"))
+    return None if len(parts) > MAX_DEPTH else "/".join(parts) or None
 
 
 class _Names:
