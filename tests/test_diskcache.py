@@ -200,6 +200,9 @@ def test_writing_stops_before_the_disk_is_full(
     try:
         m = mount("--cache-dir", str(small / "cache"), "--cache-dir-size", "1G", name="full")
         m.expect_log("disk cache: less than 0.4 MiB free under")
+        m.expect_log(r"cache_dir_size \(1024 MiB\) is more than the filesystem under .* "
+                     r"holds \(8 MiB\)")
+        assert "is more than the filesystem under" in m.log  # said at the start
         for name, data in backup.files.items():
             assert copy_through(m, name) == data  # reads go on, from the server
         wait_for(lambda: "less than 0.4 MiB free" in m.log, 20, "the warning")
@@ -430,3 +433,16 @@ def test_a_filesystem_refusing_direct_io_gets_the_page_cache(
         assert files.read(0, back) == 2 * CHUNK and b"".join(back) == data
     finally:
         files.close()
+
+
+def test_a_size_beyond_the_filesystem_is_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = DiskCache(tmp_path, capacity=1 << 60)
+    cache.open()
+    cache.close()
+    assert "is more than the filesystem under" in caplog.text
+    caplog.clear()
+    cache = DiskCache(tmp_path, capacity=1 << 20)
+    cache.open()
+    cache.close()
+    assert "more than the filesystem" not in caplog.text

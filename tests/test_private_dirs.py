@@ -215,6 +215,14 @@ def test_a_log_file_is_never_appended_through_another_users_link_or_name(
         with pytest.raises(ConfigError, match=f"the log file {path} is {why}"):
             file_handler(str(path))
     assert precious.read_text() == "not zohofs's\n"
+    shared = tmp_path / "shared"  # one others may write to, as Ubuntu's /var/log
+    shared.mkdir()
+    shared.chmod(0o777)
+    (shared / "sub").symlink_to(victim)  # planted by another user
+    os.lchown(shared / "sub", NOBODY, -1)
+    with pytest.raises(ConfigError, match=f"{shared / 'sub'} is a link of "):
+        file_handler(str(shared / "sub" / "precious.txt"))
+    file_handler(str(shared / "mine.log")).close()  # the folder itself is fine
     fifo = tmp_path / "fifo.log"  # another user's reader behind it, or none: start hangs
     os.mkfifo(fifo)
     with pytest.raises(ConfigError, match=f"the log file {fifo} is not a file"):

@@ -97,8 +97,13 @@ class DiskCache:
         self.root, self._lock_fd = take_layout(self.root.parent, LAYOUT)
         self._files = OpenFiles(self.root, self._lock, OPEN_VERSIONS)
         remove_old_layouts(self.root.parent, OLD_LAYOUTS)
+        total = shutil.disk_usage(self.root).total
         if self._margin is None:
-            self._margin = min(FREE_MARGIN, int(shutil.disk_usage(self.root).total * FREE_SHARE))
+            self._margin = min(FREE_MARGIN, int(total * FREE_SHARE))
+        if self.capacity > total and not quiet:
+            log.warning("disk cache: cache_dir_size (%.0f MiB) is more than the filesystem "
+                        "under %s holds (%.0f MiB): the cache stops where that is nearly "
+                        "full instead", self.capacity / MiB, self.root.parent, total / MiB)
         found = []
         for entry in self.root.iterdir():
             version = entry.name.removesuffix(INDEX)

@@ -93,9 +93,13 @@ def _open_log(path: str) -> int:
     zohofs, root often, would append to a file of their choosing, or write member names
     where they read them. The process's own stdout and stderr are always fine."""
     me = os.geteuid()
+    # The folders on the way: none of another user's, no link of theirs (their writing
+    # to a folder alone is allowed: Ubuntu's /var/log is root:syslog 0775).
+    where = private_directory(Path(path).parent, "the log file's folder",
+                              strict=False) / Path(path).name
     follow = False
     with contextlib.suppress(FileNotFoundError):
-        st = os.lstat(path)
+        st = os.lstat(where)
         if stat.S_ISLNK(st.st_mode):
             if st.st_uid not in (0, me):
                 raise ConfigError(f"the log file {path} is a link of another user's: "
@@ -104,7 +108,7 @@ def _open_log(path: str) -> int:
         elif not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
             raise ConfigError(f"the log file {path} is not a file: give a path of your own")
     # O_NONBLOCK: a FIFO nobody reads must not hang the start; cleared below.
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+    fd = os.open(where, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
                  | (0 if follow else os.O_NOFOLLOW), 0o600)
     st = os.fstat(fd)
     why = None

@@ -34,14 +34,18 @@ class UnsafeDirectory(ConfigError):
     """Another local user could change what is in the directory: not used."""
 
 
-def private_directory(path: Path, what: str) -> Path:
+def private_directory(path: Path, what: str, strict: bool = True) -> Path:
     """``path`` with its links followed, made (mode 0700, with any missing parents) if
     it does not exist; raises :class:`UnsafeDirectory` (``what`` names its use) when it
     is not safe, and :class:`OSError` when it cannot be made or read. Use the path
-    returned: it has no links left to follow, and nothing on it another user could change."""
+    returned: it has no links left to follow, and nothing on it another user could change.
+
+    Not ``strict`` (a log file's folder, which may be a shared one such as Ubuntu's
+    root:syslog 0775 /var/log): nothing is made, and only whose each folder and link is
+    counts, not who else may write to it."""
     if "\0" in str(path):
         raise UnsafeDirectory(f"{what} {path!r} has a NUL character in it")
-    walk = _Walk(path, what)
+    walk = _Walk(path, what, strict)
     todo = list(Path(os.getcwd(), path).parts[1:])
     here = Path("/")
     walk.check(here, os.lstat(here))
@@ -55,6 +59,8 @@ def private_directory(path: Path, what: str) -> Path:
         try:
             st = os.lstat(step)
         except FileNotFoundError:
+            if not strict:
+                raise
             with contextlib.suppress(FileExistsError):  # made meanwhile: checked below
                 os.mkdir(step, 0o700)  # each missing folder private, whatever the umask
                 os.chmod(step, 0o700)
@@ -78,13 +84,18 @@ def private_directory(path: Path, what: str) -> Path:
 
 
 class _Walk:
-    def __init__(self, path: Path, what: str) -> None:
-        self.path, self.what = path, what
+    def __init__(self, path: Path, what: str, strict: bool) -> None:
+        self.path, self.what, self.strict = path, what, strict
         self.me = os.geteuid()
         self._fuse = _foreign_fuse_mounts(self.me)
 
     def check(self, directory: Path, st: os.stat_result, last: bool = False) -> None:
         self.owner(directory, st, "a folder")
+        if st.st_dev in self._fuse:
+            self._refuse(f"{directory} is on a FUSE filesystem {_user(self._fuse[st.st_dev])} "
+                         "mounted, which could show anything: choose another directory")
+        if not self.strict:
+            return
         writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
         if (st.st_mode & stat.S_IWGRP and not st.st_mode & stat.S_IWOTH
                 and not _has_acl(directory) and _own_group(st)):
@@ -93,9 +104,6 @@ class _Walk:
             self._refuse(f"{directory} is writable by group or others (mode "
                          f"{stat.S_IMODE(st.st_mode):o}): chmod go-w {directory}, or choose "
                          "another directory")
-        if st.st_dev in self._fuse:
-            self._refuse(f"{directory} is on a FUSE filesystem {_user(self._fuse[st.st_dev])} "
-                         "mounted, which could show anything: choose another directory")
 
     def owner(self, step: Path, st: os.stat_result, kind: str) -> None:
         if st.st_uid not in (0, self.me):
