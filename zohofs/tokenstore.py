@@ -96,7 +96,7 @@ class TokenStore:
         (atomically, mode 0600) when the block changed it."""
         try:
             # Tokens are secrets, and the file is rewritten (by root often): never in a
-            # directory another user could read from or put a link in.
+            # directory another user could change or put a link in.
             directory = private_directory(self._directory, "the token store's directory")
             self.path, self._lock_path = (directory / self.path.name,
                                           directory / self._lock_path.name)
