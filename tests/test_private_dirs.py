@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import MountFactory, run_zohofs
 from tests.helpers import started_mounts_add
 from zohofs import privatedir
-from zohofs.diskcache import LAYOUT
+from zohofs.diskcache import LAYOUT, DiskCache
 from zohofs.emulator.backup import Backup
 from zohofs.emulator.server import Emulator
 from zohofs.errors import ConfigError
@@ -181,6 +181,28 @@ def test_a_link_in_place_of_the_cache_is_never_followed(
     assert untouched(victim)
 
 
+@pytest.mark.parametrize("kind", ["file", "folder of another user's"])
+def test_something_else_in_place_of_the_cache_is_refused_and_left(
+        tmp_path: Path, kind: str) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    if kind == "file":
+        (cache / LAYOUT).write_text("not zohofs's\n")
+        expected = "is not a directory, not the directory zohofs makes there"
+    else:
+        (cache / LAYOUT).mkdir(mode=0o755)
+        (cache / LAYOUT / "precious.txt").write_text("not zohofs's\n")
+        os.chown(cache / LAYOUT, NOBODY, -1)
+        expected = f"is owned by uid {NOBODY}, not the directory zohofs makes there"
+    with pytest.raises(UnsafeDirectory, match=expected):
+        DiskCache(cache, 1 << 20).open()
+    if kind == "file":
+        assert (cache / LAYOUT).read_text() == "not zohofs's\n"
+    else:
+        assert [p.name for p in (cache / LAYOUT).iterdir()] == ["precious.txt"]
+        assert stat.S_IMODE((cache / LAYOUT).stat().st_mode) == 0o755
+
+
 def test_tokens_are_not_shared_through_a_directory_others_could_write_to(
         oauth_mount: MountFactory, emulator: Emulator, backup: Backup, tmp_path: Path) -> None:
     shared = tmp_path / "shared-state"
@@ -190,9 +212,9 @@ def test_tokens_are_not_shared_through_a_directory_others_could_write_to(
     m.expect_log("is not safe.*keeps its tokens to itself")
     # It still signs in and reads, its tokens its own.
     assert (m.path / JOB / "Data_001.zip").read_bytes() == backup.files["Data_001.zip"]
-    assert re.search(f"the token store's directory {shared / 'zohofs'} is not safe: {shared} "
-                     r"is writable by group or others \(mode 777\).*keeps its tokens to "
-                     "itself", m.log)
+    assert re.search(re.escape(f"the token store's directory {shared / 'zohofs'} is not "
+                               f"safe: {shared} is writable by group or others (mode 777)")
+                     + ".*keeps its tokens to itself", m.log)
     assert list(shared.iterdir()) == []
     listed = run_zohofs("ls", "--config", str(tmp_path / "mnt.toml"), "--trust-host",
                         f"127.0.0.1:{emulator.port}", env={"XDG_STATE_HOME": str(shared)})

@@ -24,6 +24,7 @@ from zohofs.errors import ConfigError, ZohofsError
 from zohofs.hosts import DATA_CENTRES
 from zohofs.lifecycle import check_mountpoint, serve, serve_in_background
 from zohofs.logs import setup as setup_logging
+from zohofs.planner import MiB
 from zohofs.runtime import read_links
 
 log = logging.getLogger("zohofs")
@@ -285,7 +286,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if not directory:
         raise ConfigError("which cache? give --cache-dir DIR (or cache_dir in the config)")
     freed = diskcache.clear(Path(directory))
-    print(f"zohofs: cleared {directory} ({freed / (1 << 20):.1f} MiB)" if freed
+    print(f"zohofs: cleared {directory} ({freed / MiB:.1f} MiB)" if freed
           else f"zohofs: nothing to clear in {directory}")
     return 0
 

@@ -140,10 +140,9 @@ def file_handler(path: str) -> logging.Handler:
     """Appends to ``path``, created mode 0600 (names of members are customer data); a
     file rotated away by logrotate is reopened."""
     try:
-        fd = _open_log(path)
-        mode = os.fstat(fd).st_mode
-        os.close(fd)
-        handler = _PrivateFileHandler(path, encoding="utf-8")
+        handler = _PrivateFileHandler(path, encoding="utf-8")  # opens it, with _open_log
+        assert handler.stream is not None  # opened at once (no delay=True)
+        mode = os.fstat(handler.stream.fileno()).st_mode
     except OSError as exc:
         raise ConfigError(f"cannot write the log file {path}: {exc.strerror or exc}") from None
     if mode & 0o077:
